@@ -1,0 +1,76 @@
+"""Checks and conversions between a composed OmegaConf config and the library's plain arguments.
+
+The library below this module takes plain Python values; this is the one place that knows the
+config's key names, so every error here names the key at fault.
+"""
+from __future__ import annotations
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+STAGES = ("train", "sample", "evaluate")
+
+
+def _decoder_depth(depth: int, encoder_depth: int) -> int:
+    if not 0 < int(encoder_depth) < int(depth):
+        raise ValueError(f"model.encoder_depth={encoder_depth} is impossible for model.depth={depth}: "
+                         f"it must be between 1 and {int(depth) - 1} so that the decoder keeps at least "
+                         f"one block")
+    return int(depth) - int(encoder_depth)
+
+
+def _run_subdir(override_dirname: str) -> str:
+    return override_dirname or "default"
+
+
+def register_resolvers() -> None:
+    """Resolvers the config files use: `ddt.decoder_depth` and `ddt.run_subdir` (idempotent)."""
+    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", _run_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def stages(cfg: DictConfig) -> list[str]:
+    """`stage` as a list in pipeline order; a single name or a list is accepted."""
+    value = cfg.stage
+    names = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    unknown = [n for n in names if n not in STAGES]
+    if unknown:
+        raise ValueError(f"stage={OmegaConf.to_yaml(value).strip()} has unknown stage(s) {unknown}; "
+                         f"use any of {list(STAGES)}")
+    return [s for s in STAGES if s in names]
+
+
+def validate(cfg: DictConfig) -> dict:
+    """Resolve every interpolation and check cross-group constraints; returns the plain config."""
+    register_resolvers()
+    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    model, res = plain["model"], plain["resolution"]
+    if res["latent_size"] % model["patch_size"]:
+        raise ValueError(f"resolution.latent_size={res['latent_size']} is not divisible by "
+                         f"model.patch_size={model['patch_size']}; pick another patch size or resolution")
+    if model["hidden_size"] % model["num_heads"] or (model["hidden_size"] // model["num_heads"]) % 4:
+        raise ValueError(f"model.hidden_size={model['hidden_size']} / model.num_heads={model['num_heads']} "
+                         f"must give a head width that is a multiple of 4 (2-D RoPE)")
+    if plain["train"]["batch_size"] < 1:
+        raise ValueError(f"train.batch_size={plain['train']['batch_size']} must be positive")
+    if plain["eval"].get("num_samples", 1) < 1:
+        raise ValueError(f"eval.num_samples={plain['eval']['num_samples']} must be positive")
+    stages(cfg)
+    return plain
+
+
+def model_kwargs(plain: dict) -> dict:
+    """DDT constructor arguments from the resolved `model` group."""
+    m = plain["model"]
+    return dict(in_channels=m["in_channels"], patch_size=m["patch_size"], hidden_size=m["hidden_size"],
+                num_heads=m["num_heads"], depth=m["depth"], encoder_depth=m["encoder_depth"],
+                num_classes=m["num_classes"])
+
+
+def sampler_kwargs(plain: dict) -> dict:
+    """Arguments of ddt.sampling.sample from the resolved `sampler` group."""
+    s = plain["sampler"]
+    if s["solver"] != "euler":
+        raise ValueError(f"sampler.solver={s['solver']!r} is not available; use euler")
+    return dict(num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_interval=tuple(s["cfg_interval"]),
+                timeshift=s["timeshift"], last_step=s["last_step"])

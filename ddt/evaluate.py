@@ -1,0 +1,259 @@
+"""Sampling to disk (PNGs + ADM-layout npz, resumable) and torch-fidelity metrics.
+
+Digits runs measure FID/IS/precision/recall with a small classifier trained on the digits data
+(registered as torch-fidelity feature extractor `digits-classifier`); ImageNet runs use
+torch-fidelity's Inception-v3 (`inception-v3-compat`), from a local file or its download URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddt.checkpoint import atomic_save, atomic_write_bytes, load
+from ddt.data.digits import to_uint8
+from ddt.models.digits_classifier import DigitsClassifier, train_digits_classifier
+from ddt.sampling import sample
+
+DIGITS_EXTRACTOR = "digits-classifier"
+INCEPTION_EXTRACTOR = "inception-v3-compat"
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+#################################################################################
+#                               Samples on disk                                 #
+#################################################################################
+
+def sample_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Class-balanced labels: image i has class i mod num_classes."""
+    return torch.arange(num_samples) % num_classes
+
+
+def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Per-image noise from (seed, image index): independent of batch size, rank and resumption."""
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
+        for i in indices
+    ])
+
+
+def write_png(image: np.ndarray, path: Path) -> None:
+    """Write an HWC uint8 image as PNG through a temp file and rename."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    atomic_write_bytes(path, lambda f: f.write(buffer.getvalue()))
+
+
+def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: int, batch_size: int,
+                     seed: int, sampler_kwargs: dict, latent_shape: tuple[int, ...],
+                     decode: Callable[[torch.Tensor], torch.Tensor] = to_uint8,
+                     progress: bool = True) -> dict:
+    """Write samples_dir/{i:06d}.png for i < num_samples, skipping images already there."""
+    samples_dir = Path(samples_dir)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    labels = sample_labels(num_samples, model.num_classes)
+    todo = [i for i in range(num_samples) if not (samples_dir / f"{i:06d}.png").exists()]
+    start = time.perf_counter()
+    bar = tqdm(total=num_samples, initial=num_samples - len(todo), desc="sample", unit="img",
+               disable=not progress)
+    for first in range(0, len(todo), batch_size):
+        batch = torch.tensor(todo[first:first + batch_size], dtype=torch.long)
+        noise = sample_noise(batch, latent_shape, seed).to(device)
+        images = decode(sample(model, noise, labels[batch].to(device), **sampler_kwargs))
+        for i, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
+            write_png(image, samples_dir / f"{i:06d}.png")
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"num_samples": num_samples, "generated": len(todo), "wall_time_s": round(seconds, 3),
+            "images_per_s": round(len(todo) / seconds, 3) if todo else None}
+
+
+def read_samples(samples_dir: str | Path, num_samples: int) -> np.ndarray:
+    """The first num_samples PNGs as a uint8 NHWC array; fails naming the first missing file."""
+    samples_dir = Path(samples_dir)
+    images = []
+    for i in range(num_samples):
+        path = samples_dir / f"{i:06d}.png"
+        if not path.exists():
+            raise FileNotFoundError(f"sample {path} is missing ({i} of eval.num_samples={num_samples} "
+                                    f"found); run the sample stage first (stage=[sample,evaluate])")
+        images.append(np.asarray(Image.open(path).convert("RGB")))
+    return np.stack(images)
+
+
+def write_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> None:
+    """ADM evaluation-suite layout: arr_0 uint8 NHWC images, arr_1 labels."""
+    def write(f):
+        np.savez(f, arr_0=images, arr_1=labels)
+    atomic_write_bytes(path, write)
+
+
+def write_grid(images: np.ndarray, path: str | Path, nrow: int = 10, min_tile: int = 64) -> None:
+    """Save up to nrow² images (NHWC uint8) as one PNG, upscaled so that small images stay visible."""
+    images = images[: nrow * nrow]
+    n, h, w, c = images.shape
+    scale = max(1, min_tile // h)
+    rows = -(-n // nrow)
+    pad = 2
+    grid = np.zeros((rows * (h * scale + pad) + pad, nrow * (w * scale + pad) + pad, c), np.uint8)
+    for k, image in enumerate(images):
+        r, col = divmod(k, nrow)
+        tile = image.repeat(scale, 0).repeat(scale, 1)
+        y0, x0 = pad + r * (h * scale + pad), pad + col * (w * scale + pad)
+        grid[y0:y0 + h * scale, x0:x0 + w * scale] = tile
+    write_png(grid, Path(path))
+
+
+#################################################################################
+#                  Feature extractors for torch-fidelity                        #
+#################################################################################
+
+def _fidelity_base():
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    return FeatureExtractorBase
+
+
+def register_digits_extractor() -> None:
+    """Register the digits classifier with torch-fidelity (idempotent)."""
+    import torch_fidelity
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    if DIGITS_EXTRACTOR in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class DigitsFeatureExtractor(_fidelity_base()):
+        """torch-fidelity adapter: `features` (FID, KID, PRC) and `logits` (IS) of the classifier."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise ValueError("the digits-classifier feature extractor needs feature_extractor_weights_path")
+            checkpoint = load(feature_extractor_weights_path)
+            self.net = DigitsClassifier(**checkpoint["config"])
+            self.net.load_state_dict(checkpoint["state_dict"])
+
+        @staticmethod
+        def get_provided_features_list():
+            return "features", "logits"
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+
+        def forward(self, x):
+            features, logits = self.net(x)
+            named = {"features": features, "logits": logits}
+            return tuple(named[name] for name in self.features_list)
+
+    torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
+
+
+def ensure_digits_classifier(images: torch.Tensor, labels: torch.Tensor, cache_dir: str | Path,
+                             seed: int = 0) -> tuple[Path, float]:
+    """Train the digits classifier once and cache it; returns (weights path, held-out accuracy)."""
+    key = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes() + str(seed).encode())
+    path = Path(cache_dir) / f"digits_classifier-{key.hexdigest()[:12]}.pt"
+    if not path.exists():
+        model, accuracy = train_digits_classifier(images, labels, seed=seed)
+        config = {"num_classes": model.logits.out_features, "feature_dim": model.features.out_features}
+        atomic_save({"config": config, "state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
+    return path, float(load(path)["test_accuracy"])
+
+
+def inception_weights_path(configured: str | None, cache_dir: str | Path) -> Path:
+    """Local Inception weights for torch-fidelity: the configured file, or a cached download."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"eval.inception_weights={configured} does not exist. Download {INCEPTION_URL} "
+                f"on a machine with internet and copy it to that path.")
+    else:
+        path = Path(cache_dir) / Path(INCEPTION_URL).name
+    if not path.is_file():
+        try:
+            previous = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(20)
+            try:
+                torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=False)
+            finally:
+                socket.setdefaulttimeout(previous)
+        except Exception as err:
+            raise FileNotFoundError(
+                f"Inception-v3 weights for FID are not available and could not be downloaded ({err}). "
+                f"Download {INCEPTION_URL} and either put it at {path.resolve()} or pass "
+                f"eval.inception_weights=/path/to/{path.name}.") from err
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)  # refuse pickled objects up front
+    except Exception as err:
+        raise RuntimeError(f"Inception weights {path} are not a plain state dict ({err}); "
+                           f"download {INCEPTION_URL} again") from err
+    return path
+
+
+#################################################################################
+#                                   Metrics                                     #
+#################################################################################
+
+class UInt8Images(torch.utils.data.Dataset):
+    """A uint8 (N, 3, H, W) tensor as the Dataset torch-fidelity expects."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor, *,
+                      feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
+                      reference_name: str, prc: bool = True, kid: bool = False,
+                      batch_size: int = 250, verbose: bool = True) -> dict[str, float]:
+    """FID, IS (and precision/recall, KID) of samples (a folder or uint8 NCHW) against reference images."""
+    import torch_fidelity
+
+    if feature_extractor == DIGITS_EXTRACTOR:
+        register_digits_extractor()
+    if not isinstance(samples, (str, Path)):
+        samples = UInt8Images(samples)
+    weights_path = Path(weights_path)
+    # Reference statistics are cached per (reference, extractor weights) so retraining invalidates them.
+    cache_name = f"{reference_name}-{feature_extractor}-{weights_path.stem}"
+    metrics = torch_fidelity.calculate_metrics(
+        input1=str(samples) if isinstance(samples, Path) else samples,
+        input2=UInt8Images(reference), input2_cache_name=cache_name,
+        cache_root=str(Path(cache_dir) / "fidelity"), cache=True,
+        fid=True, isc=True, prc=prc, kid=kid,
+        kid_subset_size=min(1000, len(reference)),
+        feature_extractor=feature_extractor, feature_extractor_weights_path=str(weights_path),
+        batch_size=batch_size, cuda=torch.cuda.is_available(), save_cpu_ram=True,
+        samples_find_ext="png", verbose=verbose,
+    )
+    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
+             "inception_score_std": "isc_std", "precision": "precision", "recall": "recall",
+             "f_score": "f_score", "kernel_inception_distance_mean": "kid_mean",
+             "kernel_inception_distance_std": "kid_std"}
+    return {names.get(k, k): float(v) for k, v in metrics.items()}

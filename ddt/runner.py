@@ -1,0 +1,200 @@
+"""One run: the stages train -> sample -> evaluate wired from a composed config.
+
+`launch.py` hands the Hydra config and the run directory to `run`; everything else (resume, what
+weights to sample from, where results go) is decided here. Every stage can be skipped with
+`stage=...` and re-running the same command on the same directory resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from ddt import checkpoint
+from ddt.config import model_kwargs, sampler_kwargs, stages, validate
+from ddt.data.digits import load_digits, to_model_range
+from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, calculate_metrics, ensure_digits_classifier,
+                          generate_samples, inception_weights_path, read_samples, sample_labels, write_grid,
+                          write_npz)
+from ddt.models import DDT
+from ddt.tracking import make_tracker
+from ddt.train import Trainer, TrainConfig, check_signature
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    """Versions of Python, the key packages and the code (git commit) that produced a result."""
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "hydra-core", "omegaconf", "torch-fidelity", "timm", "diffusers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+class Results:
+    """results.json of a run: read at start (a resumed run keeps earlier stages), rewritten atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def update(self, **items) -> None:
+        self.data.update(items)
+        checkpoint.atomic_write_json(self.data, self.path)
+
+
+def load_dataset(plain: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training images (uint8 NCHW) and labels of the `data` group."""
+    if plain["data"]["name"] == "digits":
+        return load_digits(plain["resolution"]["image_size"])
+    raise ValueError(f"data.name={plain['data']['name']!r} is not available; use data=digits")
+
+
+def prepare_feature_extractor(plain: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Make sure the evaluation's feature extractor is usable before any training starts."""
+    ev, cache_dir = plain["eval"], Path(plain["cache_dir"])
+    if ev["feature_extractor"] == DIGITS_EXTRACTOR:
+        path, accuracy = ensure_digits_classifier(images, labels, cache_dir, seed=0)
+        log.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
+        return {"name": DIGITS_EXTRACTOR, "weights": str(path), "test_accuracy": accuracy}
+    if ev["feature_extractor"] == INCEPTION_EXTRACTOR:
+        path = inception_weights_path(ev.get("inception_weights"), cache_dir)
+        return {"name": INCEPTION_EXTRACTOR, "weights": str(path)}
+    raise ValueError(f"eval.feature_extractor={ev['feature_extractor']!r} is not available; "
+                     f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
+
+
+def load_sampling_weights(model: DDT, path: Path) -> int | None:
+    """Load EMA weights from a suite checkpoint or an official (Lightning) one; returns its step."""
+    state = checkpoint.load(path)
+    if "ema" in state and "signature" in state:
+        check_signature(state["signature"], model, path)
+        model.load_state_dict(state["ema"])
+        return int(state["step"])
+    weights = checkpoint.official_denoiser_state_dict(state)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit the configured model (model.* keys): {err}") from err
+    return None
+
+
+def prepare_samples_dir(samples_dir: Path, meta: dict) -> None:
+    """Keep samples made with the same weights and settings; move any others aside (never delete)."""
+    meta_path = samples_dir / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+        stale = samples_dir.with_name(f"samples.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(samples_dir), stale)
+        log.warning("samples in %s came from other weights or settings; moved them to %s", samples_dir, stale)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_json(meta, meta_path)
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Run the configured stages in run_dir; returns the final contents of results.json."""
+    plain = validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    todo = stages(cfg)
+    device = resolve_device(plain["device"])
+    torch.manual_seed(plain["seed"])
+    results = Results(run_dir / "results.json")
+    model = DDT(**model_kwargs(plain)).to(device)
+    results.update(status="running", stages=todo, run_dir=str(run_dir), config=plain, versions=versions(),
+                   model={**model_kwargs(plain), "decoder_depth": model.decoder_depth,
+                          "parameters": sum(p.numel() for p in model.parameters())})
+    tracker = make_tracker(plain["logger"])
+    try:
+        _run_stages(plain, todo, model, device, run_dir, results, tracker)
+    except BaseException as err:
+        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        tracker.finish()
+    results.update(status="completed", error=None)
+    return results.data
+
+
+def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, run_dir: Path,
+                results: Results, tracker) -> None:
+    ev, sampler, progress = plain["eval"], plain["sampler"], plain["progress"]
+    images, labels = load_dataset(plain)
+    evaluating = "evaluate" in todo and ev["name"] != "none"
+    extractor = prepare_feature_extractor(plain, images, labels) if evaluating else None  # fail early
+    ckpt = Path(plain["ckpt"]) if plain["ckpt"] else None
+    last = run_dir / "checkpoints" / "last.pt"
+    step = None
+
+    if "train" in todo:
+        dataset = torch.utils.data.TensorDataset(to_model_range(images), labels)
+        trainer = Trainer(model, dataset, TrainConfig(**plain["train"]), run_dir=run_dir, seed=plain["seed"],
+                          log=tracker.log, progress=progress)
+        if last.exists():
+            trainer.load(last)
+            log.info("resuming from %s at step %d", last, trainer.step)
+        elif ckpt:
+            trainer.load(ckpt, weights_only_init=True)
+            log.info("initialised from %s", ckpt)
+        stats = trainer.fit()
+        results.update(train=stats)
+        model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
+        step = trainer.step
+    elif "sample" in todo:
+        source = ckpt or last
+        if not source.exists():
+            raise FileNotFoundError(f"no weights to sample from: {source} does not exist; pass ckpt=PATH "
+                                    f"or include train in stage")
+        step = load_sampling_weights(model, source)
+        log.info("sampling with the EMA weights of %s (step %s)", source, step)
+
+    samples_dir = run_dir / "samples"
+    num_samples = ev["num_samples"]
+    if "sample" in todo:
+        model.eval()
+        kwargs = sampler_kwargs(plain)
+        prepare_samples_dir(samples_dir, {"step": step, "ckpt": str(ckpt) if ckpt else None,
+                                          "seed": plain["seed"], "sampler": sampler})
+        latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
+        stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
+                                 seed=plain["seed"], sampler_kwargs=kwargs, latent_shape=latent_shape,
+                                 progress=progress)
+        array = read_samples(samples_dir, num_samples)
+        write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
+        write_grid(array, run_dir / "sample_grid.png")
+        results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"])})
+
+    if evaluating:
+        start = time.perf_counter()
+        read_samples(samples_dir, num_samples)  # fails early, naming the first missing image
+        metrics = calculate_metrics(samples_dir, images, feature_extractor=extractor["name"],
+                                    weights_path=extractor["weights"], cache_dir=plain["cache_dir"],
+                                    reference_name=f"{plain['data']['name']}{plain['resolution']['image_size']}",
+                                    prc=ev["prc"], kid=ev["kid"], batch_size=ev["feature_batch_size"],
+                                    verbose=progress)
+        results.update(metrics=metrics, feature_extractor=extractor,
+                       evaluate={"num_samples": num_samples, "wall_time_s": round(time.perf_counter() - start, 3)})
+        tracker.summary(metrics)
+        log.info("metrics: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

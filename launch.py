@@ -1,0 +1,24 @@
+"""Entry point: compose the Hydra config (conf/) and run its stages (ddt/runner.py).
+
+    python launch.py                                   # the digits quickstart
+    python launch.py -m model.encoder_depth=8,16,22    # a sweep, one run directory per value
+    python launch.py stage=evaluate ckpt=PATH          # evaluate an existing checkpoint
+"""
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from ddt.config import register_resolvers
+from ddt.runner import run
+
+register_resolvers()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> dict:
+    """Run one configured job in Hydra's output directory."""
+    return run(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

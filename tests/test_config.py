@@ -1,0 +1,64 @@
+"""Composition of every config group with the real Hydra, and errors that name the key at fault."""
+from pathlib import Path
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf.errors import InterpolationResolutionError
+
+from conftest import ROOT
+from ddt.config import model_kwargs, sampler_kwargs, stages, validate
+from ddt.models import DDT_PRESETS
+
+GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+          for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger")}
+
+
+def test_every_group_has_options():
+    assert GROUPS["model"] == ["ddt_b", "ddt_l", "ddt_s", "ddt_xl", "quickstart"]
+    assert {"default", "quickstart", "smoke"} <= set(GROUPS["train"])
+    assert {"fid_digits", "fid_imagenet", "none"} <= set(GROUPS["eval"])
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(compose, group, option):
+    cfg = compose(f"{group}={option}")
+    plain = validate(cfg)
+    assert plain[group] is not None
+    if group == "model":
+        m = plain["model"]
+        assert (m["depth"], m["hidden_size"], m["num_heads"], m["encoder_depth"]) == DDT_PRESETS[m["preset"]]
+        assert m["decoder_depth"] == m["depth"] - m["encoder_depth"]
+
+
+def test_quickstart_defaults(compose):
+    plain = validate(compose())
+    assert model_kwargs(plain) == dict(in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
+                                       encoder_depth=22, num_classes=10)
+    assert plain["model"]["decoder_depth"] == 6
+    assert stages(compose()) == ["train", "sample", "evaluate"]
+    assert sampler_kwargs(plain)["num_steps"] == 16
+
+
+def test_overrides_and_derived_decoder_depth(compose):
+    plain = validate(compose("model.encoder_depth=8", "stage=[evaluate,train]"))
+    assert plain["model"]["decoder_depth"] == 20
+    assert stages(compose("stage=sample")) == ["sample"]
+    assert stages(compose("stage=[evaluate,train]")) == ["train", "evaluate"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.encoder_depth=28"], "model.encoder_depth=28"),
+    (["model.encoder_depth=0"], "model.encoder_depth=0"),
+    (["model.patch_size=3"], "model.patch_size=3"),
+    (["model.num_heads=5"], "model.num_heads=5"),
+    (["stage=[train,finetune]"], "finetune"),
+    (["eval.num_samples=0"], "eval.num_samples=0"),
+])
+def test_invalid_values_name_the_key(compose, overrides, message):
+    with pytest.raises((ValueError, InterpolationResolutionError), match=message.replace("[", r"\[")):
+        validate(compose(*overrides))
+
+
+def test_unknown_option_lists_the_choices(compose):
+    with pytest.raises(MissingConfigException, match="ddt_huge"):
+        compose("model=ddt_huge")

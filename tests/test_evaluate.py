@@ -1,0 +1,70 @@
+"""torch-fidelity metrics with the digits feature extractor, sample files and error messages."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddt.data.digits import load_digits
+from ddt.evaluate import (calculate_metrics, ensure_digits_classifier, inception_weights_path, read_samples,
+                          write_grid, write_npz)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(16)
+
+
+@pytest.fixture
+def classifier(digits, cache_dir):
+    return ensure_digits_classifier(*digits, cache_dir)
+
+
+def test_classifier_is_accurate_and_cached(digits, classifier, cache_dir):
+    path, accuracy = classifier
+    assert accuracy > 0.95
+    assert ensure_digits_classifier(*digits, cache_dir) == (path, accuracy)
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(digits, classifier, cache_dir):
+    images, _ = digits
+    path, _ = classifier
+    kwargs = dict(feature_extractor="digits-classifier", weights_path=path, cache_dir=cache_dir,
+                  reference_name="digits16-test", verbose=False)
+    same = calculate_metrics(images, images, **kwargs)
+    noise = torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    far = calculate_metrics(noise, images, **kwargs)
+    assert abs(same["fid"]) < 1e-3
+    assert far["fid"] > 100 * max(same["fid"], 1e-2) and far["fid"] > 50
+    assert same["isc_mean"] > 5 and far["isc_mean"] < same["isc_mean"]  # 10 balanced classes vs confusion
+    assert same["precision"] > 0.9 and far["precision"] < 0.5 * same["precision"]
+
+
+def test_samples_npz_grid_and_missing_sample_message(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    for i, image in enumerate(images[:4]):
+        Image.fromarray(image).save(tmp_path / f"{i:06d}.png")
+    with pytest.raises(FileNotFoundError, match="000004.png"):
+        read_samples(tmp_path, 5)
+    array = read_samples(tmp_path, 4)
+    assert np.array_equal(array, images[:4])
+    write_npz(array, np.arange(4), tmp_path / "samples.npz")
+    npz = np.load(tmp_path / "samples.npz")
+    assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (4, 16, 16, 3)
+    assert npz["arr_1"].tolist() == [0, 1, 2, 3]
+    write_grid(array, tmp_path / "grid.png", nrow=2)
+    assert Image.open(tmp_path / "grid.png").size == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)
+
+
+def test_missing_inception_weights_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights=.*nowhere.pth.*weights-inception"):
+        inception_weights_path(str(tmp_path / "nowhere.pth"), tmp_path)
+
+
+def test_local_inception_weights_are_loaded_safely(tmp_path):
+    good = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, good)
+    assert inception_weights_path(str(good), tmp_path) == good
+    bad = tmp_path / "pickle.pth"
+    torch.save({"fn": print}, bad)  # an arbitrary object: refused by weights_only loading
+    with pytest.raises(RuntimeError, match="not a plain state dict"):
+        inception_weights_path(str(bad), tmp_path)

@@ -1,0 +1,81 @@
+"""`python launch.py` as a user runs it: the run directory, resume, sweeps and early failures."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import launch
+
+SHORT = ["train.max_steps=6", "train.batch_size=16", "train.ckpt_every=3", "eval.num_samples=40",
+         "sampler.num_steps=4", "sampler.batch_size=20", "progress=false"]
+
+
+def test_quickstart_end_to_end_and_resume(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    launch(*SHORT, f"hydra.run.dir={run_dir}")
+    assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["model"]["encoder_depth"] == 22
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+    assert len(list((run_dir / "samples").glob("*.png"))) == 40
+    npz = np.load(run_dir / "samples" / "samples.npz")
+    assert npz["arr_0"].shape == (40, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["arr_1"].tolist() == [i % 10 for i in range(40)]
+    assert (run_dir / "sample_grid.png").exists()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["train"]["step"] == 6 and results["sample"]["generated"] == 40
+    assert results["metrics"]["fid"] > 0 and 1 <= results["metrics"]["isc_mean"] <= 10
+    assert results["feature_extractor"]["test_accuracy"] > 0.95
+    assert results["model"]["decoder_depth"] == 6 and results["versions"]["torch"]
+
+    # The same command on the same directory resumes: nothing is retrained or resampled.
+    launch(*SHORT, f"hydra.run.dir={run_dir}")
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["train"]["steps_this_session"] == 0 and again["sample"]["generated"] == 0
+    assert again["metrics"]["fid"] == pytest.approx(results["metrics"]["fid"], rel=1e-6)
+
+    # Training further continues from step 6; old samples are moved aside, not deleted.
+    launch(*[a.replace("max_steps=6", "max_steps=8") for a in SHORT], f"hydra.run.dir={run_dir}")
+    longer = json.loads((run_dir / "results.json").read_text())
+    assert longer["train"]["resumed_from_step"] == 6 and longer["train"]["step"] == 8
+    assert longer["sample"]["generated"] == 40
+    assert len(list(run_dir.glob("samples.stale-*/*.png"))) == 40
+
+
+def test_evaluate_only_from_a_checkpoint(tmp_path, cache_dir):
+    launch(*SHORT, "stage=train", f"hydra.run.dir={tmp_path / 'trained'}")
+    ckpt = tmp_path / "trained" / "checkpoints" / "last.pt"
+    assert not (tmp_path / "trained" / "samples").exists()
+    launch(*SHORT, "stage=[sample,evaluate]", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["sample"]["step"] == 6 and "train" not in results and results["metrics"]["fid"] > 0
+
+
+def test_multirun_over_encoder_depth(tmp_path, cache_dir):
+    args = [a for a in SHORT if not a.startswith("train.max_steps")]
+    launch("-m", "model.encoder_depth=8,16,22", "train.max_steps=2", "eval.num_samples=20",
+           *[a for a in args if not a.startswith("eval.num_samples")], f"hydra.sweep.dir={tmp_path}")
+    dirs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
+    assert len(dirs) == 3
+    seen = {}
+    for d in dirs:
+        results = json.loads((d / "results.json").read_text())
+        assert results["status"] == "completed" and "fid" in results["metrics"]
+        seen[results["model"]["encoder_depth"]] = results["model"]["decoder_depth"]
+        assert f"model.encoder_depth={results['model']['encoder_depth']}" in d.name
+    assert seen == {8: 20, 16: 12, 22: 6}
+
+
+def test_bad_config_fails_before_any_work(tmp_path, cache_dir):
+    proc = launch("model.encoder_depth=28", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "model.encoder_depth=28" in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_inception_weights_stop_before_training(tmp_path, cache_dir):
+    proc = launch("eval=fid_imagenet", f"eval.inception_weights={tmp_path / 'inception.pth'}",
+                  "train=smoke", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode != 0 and "inception.pth does not exist" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "failed" and "inception.pth" in results["error"]

@@ -1,0 +1,80 @@
+"""The DDT network against the official implementation's recorded outputs and parameter counts."""
+import pytest
+import torch
+
+from conftest import REFERENCE
+from ddt.checkpoint import official_denoiser_state_dict
+from ddt.models import DDT, DDT_PRESETS, build_ddt
+
+
+@pytest.fixture(scope="module")
+def official():
+    return torch.load(REFERENCE / "ddt_official_tiny.pt", weights_only=True)
+
+
+def test_matches_official_forward_and_encoder_reuse(official):
+    model = DDT.from_official(official["config"], official["state_dict"]).eval()
+    with torch.no_grad():
+        v, s = model(official["x"], official["t"], official["y"])
+        v_reuse, s_reuse = model(official["x2"], official["t2"], official["y"], s=official["s"])
+    assert (v - official["out"]).abs().max() < 1e-5
+    assert (s - official["s"]).abs().max() < 1e-5
+    assert (v_reuse - official["out_reuse"]).abs().max() < 1e-5
+    assert s_reuse is official["s"]  # the decoder-only call hands back the reused s
+
+
+def test_from_official_accepts_lightning_prefixes_and_prefers_ema(official):
+    sd = official["state_dict"]
+    noisy = {k: v + 1.0 for k, v in sd.items()}
+    lightning = {"state_dict": {**{f"denoiser.{k}": v for k, v in noisy.items()},
+                                **{f"ema_denoiser.{k}": v for k, v in sd.items()},
+                                "diffusion_trainer.proj.0.weight": torch.zeros(1)}}
+    model = DDT.from_official(official["config"], lightning).eval()
+    with torch.no_grad():
+        v, _ = model(official["x"], official["t"], official["y"])
+    assert (v - official["out"]).abs().max() < 1e-5
+    raw = official_denoiser_state_dict(lightning, prefer_ema=False)
+    assert torch.equal(raw["x_embedder.proj.bias"], noisy["x_embedder.proj.bias"])
+
+
+def test_official_xl_key_layout():
+    lines = [l.split() for l in (REFERENCE / "ddt_official_xl_22en6de_keys.txt").read_text().splitlines()
+             if l and not l.startswith("#")]
+    official = {name: tuple(int(d) for d in " ".join(shape).strip("()").split(",") if d.strip())
+                for name, *shape in lines}
+    with torch.device("meta"):
+        model = build_ddt("XL", encoder_depth=22)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == official
+
+
+@pytest.mark.parametrize("preset,count", [("XL", 674_646_352), ("L", 457_648_144),
+                                          ("B", 130_262_800), ("S", 32_839_312)])
+def test_preset_parameter_counts(preset, count):
+    with torch.device("meta"):
+        model = build_ddt(preset)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_shapes_and_encoder_split():
+    torch.manual_seed(0)
+    model = DDT(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=5, encoder_depth=3,
+                num_classes=10).eval()
+    x, t, y = torch.randn(2, 3, 16, 12), torch.rand(2), torch.tensor([1, 10])
+    # Non-zero output layer so that the velocity depends on the input.
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    with torch.no_grad():
+        v, s = model(x, t, y)
+        v_again, _ = model(x, t, y, s=s)
+        v_other_s, _ = model(x, t, y, s=s.flip(0))
+    assert v.shape == x.shape and s.shape == (2, (16 // 4) * (12 // 4), 32)
+    assert torch.allclose(v, v_again, atol=1e-6)
+    assert not torch.allclose(v, v_other_s)
+    assert model.decoder_depth == 2 and DDT_PRESETS["quickstart"][:1] == (28,)
+
+
+@pytest.mark.parametrize("encoder_depth", [0, 5, 7])
+def test_impossible_split_is_refused(encoder_depth):
+    with pytest.raises(ValueError, match=f"encoder_depth={encoder_depth}"):
+        DDT(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, depth=5,
+            encoder_depth=encoder_depth, num_classes=10)
