@@ -5,6 +5,8 @@ config's key names, so every error here names the key at fault.
 """
 from __future__ import annotations
 
+import hashlib
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 STAGES = ("train", "sample", "evaluate")
@@ -18,13 +20,18 @@ def _decoder_depth(depth: int, encoder_depth: int) -> int:
     return int(depth) - int(encoder_depth)
 
 
-def _run_subdir(override_dirname: str) -> str:
-    return override_dirname or "default"
+def run_subdir(override_dirname: str, max_length: int = 200) -> str:
+    """A flat folder name for a run from its overrides (`default` when there are none)."""
+    name = override_dirname.replace("/", "_").replace("\\", "_") or "default"
+    if len(name) > max_length:  # file systems stop at 255 bytes per name
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[: max_length - 11]}-{digest}"
+    return name
 
 
 def register_resolvers() -> None:
     """Resolvers the config files use: `ddt.decoder_depth` and `ddt.run_subdir` (idempotent)."""
-    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", _run_subdir)):
+    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", run_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -65,6 +65,12 @@ class Results:
         self.data.update(items)
         checkpoint.atomic_write_json(self.data, self.path)
 
+    def invalidate(self, *keys: str) -> None:
+        """Forget results that a newer stage made stale (e.g. metrics of an older checkpoint)."""
+        for key in keys:
+            self.data.pop(key, None)
+        self.update()
+
 
 def load_dataset(plain: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Training images (uint8 NCHW) and labels of the `data` group."""
@@ -135,7 +141,21 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     finally:
         tracker.finish()
     results.update(status="completed", error=None)
+    log.info("%s", summary_line(results.data))
     return results.data
+
+
+def summary_line(results: dict) -> str:
+    """One line with the run's headline numbers and where its files are."""
+    parts = [f"run {results['run_dir']}"]
+    if "train" in results:
+        parts.append(f"step {results['train']['step']}")
+    metrics = results.get("metrics")
+    if metrics:
+        parts.append(f"FID {metrics['fid']:.2f}  IS {metrics['isc_mean']:.2f}")
+        if "precision" in metrics:
+            parts.append(f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}")
+    return " | ".join(parts)
 
 
 def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, run_dir: Path,
@@ -159,6 +179,8 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
             trainer.load(ckpt, weights_only_init=True)
             log.info("initialised from %s", ckpt)
         stats = trainer.fit()
+        if stats["steps_this_session"]:
+            results.invalidate("sample", "metrics", "evaluate")
         results.update(train=stats)
         model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
         step = trainer.step
@@ -181,6 +203,8 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
         stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
                                  seed=plain["seed"], sampler_kwargs=kwargs, latent_shape=latent_shape,
                                  progress=progress)
+        if stats["generated"]:
+            results.invalidate("metrics", "evaluate")
         array = read_samples(samples_dir, num_samples)
         write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
         write_grid(array, run_dir / "sample_grid.png")

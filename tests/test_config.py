@@ -62,3 +62,13 @@ def test_invalid_values_name_the_key(compose, overrides, message):
 def test_unknown_option_lists_the_choices(compose):
     with pytest.raises(MissingConfigException, match="ddt_huge"):
         compose("model=ddt_huge")
+
+
+def test_run_folder_names_are_flat_and_bounded():
+    from ddt.config import run_subdir
+
+    assert run_subdir("") == "default"
+    assert run_subdir("model.encoder_depth=8") == "model.encoder_depth=8"
+    assert "/" not in run_subdir("ckpt=runs/a/checkpoints/last.pt,sampler.cfg_scale=1.5")
+    long = run_subdir("x=" + "a" * 400)
+    assert len(long) == 200 and long != run_subdir("x=" + "a" * 399)
