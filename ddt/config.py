@@ -9,6 +9,8 @@ import hashlib
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ddt.sampling import SHARING, SOLVERS
+
 STAGES = ("train", "sample", "evaluate")
 
 
@@ -37,13 +39,15 @@ def register_resolvers() -> None:
 
 
 def stages(cfg: DictConfig) -> list[str]:
-    """`stage` as a list in pipeline order; a single name or a list is accepted."""
+    """`stage` as a list in pipeline order (evaluate implies sample); a name or a list is accepted."""
     value = cfg.stage
     names = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise ValueError(f"stage={OmegaConf.to_yaml(value).strip()} has unknown stage(s) {unknown}; "
                          f"use any of {list(STAGES)}")
+    if "evaluate" in names:
+        names.append("sample")  # evaluation needs samples; images already written are kept
     return [s for s in STAGES if s in names]
 
 
@@ -63,6 +67,8 @@ def validate(cfg: DictConfig) -> dict:
     if plain["eval"].get("num_samples", 1) < 1:
         raise ValueError(f"eval.num_samples={plain['eval']['num_samples']} must be positive")
     stages(cfg)
+    sampler_kwargs(plain)
+    check_sharing(plain)
     return plain
 
 
@@ -75,9 +81,23 @@ def model_kwargs(plain: dict) -> dict:
 
 
 def sampler_kwargs(plain: dict) -> dict:
-    """Arguments of ddt.sampling.sample from the resolved `sampler` group."""
+    """Arguments of ddt.sampling.sample from the resolved `sampler` group (sharing is resolved apart)."""
     s = plain["sampler"]
-    if s["solver"] != "euler":
-        raise ValueError(f"sampler.solver={s['solver']!r} is not available; use euler")
-    return dict(num_steps=s["num_steps"], cfg_scale=s["cfg_scale"], cfg_interval=tuple(s["cfg_interval"]),
-                timeshift=s["timeshift"], last_step=s["last_step"])
+    if s["solver"] not in SOLVERS:
+        raise ValueError(f"sampler.solver={s['solver']!r} is unknown; use sampler=euler, heun or sde")
+    kwargs = dict(solver=s["solver"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
+                  cfg_interval=tuple(s["cfg_interval"]), timeshift=s["timeshift"], last_step=s["last_step"],
+                  fresh_timestep=s["fresh_timestep"])
+    if "sde_diffusion" in s:
+        kwargs["sde_diffusion"] = s["sde_diffusion"]
+    return kwargs
+
+
+def check_sharing(plain: dict) -> None:
+    """sampler.sharing and sampler.num_recompute must fit sampler.num_steps."""
+    s = plain["sampler"]
+    if s["sharing"] not in SHARING:
+        raise ValueError(f"sampler.sharing={s['sharing']!r} is unknown; use one of {list(SHARING)}")
+    if s["sharing"] != "none" and not (isinstance(s["num_recompute"], int) and 1 <= s["num_recompute"] <= s["num_steps"]):
+        raise ValueError(f"sampler.sharing={s['sharing']} needs sampler.num_recompute between 1 and "
+                         f"sampler.num_steps={s['num_steps']} (got {s['num_recompute']})")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ddt.checkpoint import atomic_save, atomic_write_bytes, load
 from ddt.data.digits import to_uint8
 from ddt.models.digits_classifier import DigitsClassifier, train_digits_classifier
-from ddt.sampling import sample
+from ddt.sampling import SamplingStats, sample
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
@@ -64,20 +64,27 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
     device = next(model.parameters()).device
     labels = sample_labels(num_samples, model.num_classes)
     todo = [i for i in range(num_samples) if not (samples_dir / f"{i:06d}.png").exists()]
+    stats = SamplingStats()
     start = time.perf_counter()
     bar = tqdm(total=num_samples, initial=num_samples - len(todo), desc="sample", unit="img",
                disable=not progress)
     for first in range(0, len(todo), batch_size):
         batch = torch.tensor(todo[first:first + batch_size], dtype=torch.long)
         noise = sample_noise(batch, latent_shape, seed).to(device)
-        images = decode(sample(model, noise, labels[batch].to(device), **sampler_kwargs))
+        # SDE noise is seeded by the batch's first image, so a resumed run redraws the same batches.
+        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + int(batch[0]) + 1)
+        images = decode(sample(model, noise, labels[batch].to(device), generator=generator, stats=stats,
+                               **sampler_kwargs))
         for i, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
             write_png(image, samples_dir / f"{i:06d}.png")
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
-    return {"num_samples": num_samples, "generated": len(todo), "wall_time_s": round(seconds, 3),
-            "images_per_s": round(len(todo) / seconds, 3) if todo else None}
+    done = len(todo)
+    return {"num_samples": num_samples, "generated": done, "wall_time_s": round(seconds, 3),
+            "images_per_s": round(done / seconds, 3) if done else None,
+            "encoder_passes_per_image": stats.encoder_passes / done if done else None,
+            "decoder_passes_per_image": stats.decoder_passes / done if done else None}
 
 
 def read_samples(samples_dir: str | Path, num_samples: int) -> np.ndarray:

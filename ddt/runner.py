@@ -22,9 +22,10 @@ from ddt import checkpoint
 from ddt.config import model_kwargs, sampler_kwargs, stages, validate
 from ddt.data.digits import load_digits, to_model_range
 from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, calculate_metrics, ensure_digits_classifier,
-                          generate_samples, inception_weights_path, read_samples, sample_labels, write_grid,
-                          write_npz)
+                          generate_samples, inception_weights_path, read_samples, sample_labels, sample_noise,
+                          write_grid, write_npz)
 from ddt.models import DDT
+from ddt.sampling import schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker
 from ddt.train import Trainer, TrainConfig, check_signature
 
@@ -93,7 +94,7 @@ def prepare_feature_extractor(plain: dict, images: torch.Tensor, labels: torch.T
                      f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
 
 
-def load_sampling_weights(model: DDT, path: Path) -> int | None:
+def load_weights(model: DDT, path: Path) -> int | None:
     """Load EMA weights from a suite checkpoint or an official (Lightning) one; returns its step."""
     state = checkpoint.load(path)
     if "ema" in state and "signature" in state:
@@ -106,6 +107,41 @@ def load_sampling_weights(model: DDT, path: Path) -> int | None:
     except RuntimeError as err:
         raise ValueError(f"checkpoint {path} does not fit the configured model (model.* keys): {err}") from err
     return None
+
+
+def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
+                       latent_shape: tuple[int, ...]) -> dict:
+    """The encoder recompute steps of `sampler.sharing`; a dp schedule is computed once and cached."""
+    s = plain["sampler"]
+    n, sharing = s["num_steps"], s["sharing"]
+    if sharing == "none":
+        return {"sharing": sharing, "recompute_steps": None, "num_recompute": n, "sharing_ratio": 0.0}
+    if sharing == "uniform":
+        steps = uniform_recompute_steps(n, s["num_recompute"])
+        info = {}
+    else:
+        key = {**weights, "sampler": s}
+        cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+        if cached.get("key") == key:
+            steps, info = cached["recompute_steps"], cached["info"]
+            log.info("dp schedule from %s", cache_path)
+        else:
+            start = time.perf_counter()
+            size = s["dp_template_size"]
+            device = next(model.parameters()).device
+            noise = sample_noise(torch.arange(size), latent_shape, plain["seed"] + 1).to(device)
+            labels = sample_labels(size, model.num_classes).to(device)
+            kwargs = {**sampler_kwargs(plain), "generator": torch.Generator(device).manual_seed(plain["seed"])}
+            steps, similarity = statistical_schedule(model.eval(), noise, labels, s["num_recompute"], **kwargs)
+            info = {"dp_template_size": size, "dp_seconds": round(time.perf_counter() - start, 3),
+                    "dp_cost": schedule_cost(similarity, steps),
+                    "uniform_cost": schedule_cost(similarity, uniform_recompute_steps(n, s["num_recompute"]))}
+            checkpoint.atomic_write_json({"key": key, "recompute_steps": steps, "info": info,
+                                          "similarity": [[round(v, 5) for v in row] for row in similarity.tolist()]},
+                                         cache_path)
+    log.info("encoder recompute steps (%s, %d of %d): %s", sharing, len(steps), n, steps)
+    return {"sharing": sharing, "recompute_steps": steps, "num_recompute": len(steps),
+            "sharing_ratio": round(1 - len(steps) / n, 4), **info}
 
 
 def prepare_samples_dir(samples_dir: Path, meta: dict) -> None:
@@ -169,15 +205,15 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
     step = None
 
     if "train" in todo:
+        if ckpt and not last.exists():
+            load_weights(model, ckpt)  # fine-tuning starts from the checkpoint's EMA weights
+            log.info("initialised from the EMA weights of %s", ckpt)
         dataset = torch.utils.data.TensorDataset(to_model_range(images), labels)
         trainer = Trainer(model, dataset, TrainConfig(**plain["train"]), run_dir=run_dir, seed=plain["seed"],
                           log=tracker.log, progress=progress)
         if last.exists():
             trainer.load(last)
             log.info("resuming from %s at step %d", last, trainer.step)
-        elif ckpt:
-            trainer.load(ckpt, weights_only_init=True)
-            log.info("initialised from %s", ckpt)
         stats = trainer.fit()
         if stats["steps_this_session"]:
             results.invalidate("sample", "metrics", "evaluate")
@@ -189,7 +225,7 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
         if not source.exists():
             raise FileNotFoundError(f"no weights to sample from: {source} does not exist; pass ckpt=PATH "
                                     f"or include train in stage")
-        step = load_sampling_weights(model, source)
+        step = load_weights(model, source)
         log.info("sampling with the EMA weights of %s (step %s)", source, step)
 
     samples_dir = run_dir / "samples"
@@ -197,18 +233,20 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
     if "sample" in todo:
         model.eval()
         kwargs = sampler_kwargs(plain)
-        prepare_samples_dir(samples_dir, {"step": step, "ckpt": str(ckpt) if ckpt else None,
-                                          "seed": plain["seed"], "sampler": sampler})
+        weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "seed": plain["seed"]}
         latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
+        schedule = recompute_schedule(model, plain, run_dir / "sharing_schedule.json", weights, latent_shape)
+        prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
         stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
-                                 seed=plain["seed"], sampler_kwargs=kwargs, latent_shape=latent_shape,
-                                 progress=progress)
+                                 seed=plain["seed"], latent_shape=latent_shape, progress=progress,
+                                 sampler_kwargs={**kwargs, "recompute_steps": schedule["recompute_steps"]})
         if stats["generated"]:
             results.invalidate("metrics", "evaluate")
         array = read_samples(samples_dir, num_samples)
         write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
         write_grid(array, run_dir / "sample_grid.png")
-        results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"])})
+        results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"]),
+                               **schedule})
 
     if evaluating:
         start = time.perf_counter()

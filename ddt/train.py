@@ -103,17 +103,16 @@ class Trainer:
             checkpoint.atomic_save(state, self.ckpt_dir / f"step_{self.step}.pt")
         return last
 
-    def load(self, path: str | Path, weights_only_init: bool = False) -> None:
-        """Resume everything from a suite checkpoint, or (weights_only_init) just take its weights."""
+    def load(self, path: str | Path) -> None:
+        """Resume model, EMA, optimiser, RNG and step from a checkpoint written by `save`."""
         path = Path(path)
         state = checkpoint.load(path)
         check_signature(state.get("signature", {}), self.model, path)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
-        if not weights_only_init:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"])
-            self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict:

@@ -43,7 +43,7 @@ def test_overrides_and_derived_decoder_depth(compose):
     plain = validate(compose("model.encoder_depth=8", "stage=[evaluate,train]"))
     assert plain["model"]["decoder_depth"] == 20
     assert stages(compose("stage=sample")) == ["sample"]
-    assert stages(compose("stage=[evaluate,train]")) == ["train", "evaluate"]
+    assert stages(compose("stage=[evaluate,train]")) == ["train", "sample", "evaluate"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -72,3 +72,21 @@ def test_run_folder_names_are_flat_and_bounded():
     assert "/" not in run_subdir("ckpt=runs/a/checkpoints/last.pt,sampler.cfg_scale=1.5")
     long = run_subdir("x=" + "a" * 400)
     assert len(long) == 200 and long != run_subdir("x=" + "a" * 399)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sampler.sharing=dp"], "sampler.num_recompute"),
+    (["sampler.sharing=uniform", "sampler.num_recompute=17"], "sampler.num_recompute between 1 and sampler.num_steps=16"),
+    (["sampler.sharing=every_other"], "sampler.sharing='every_other'"),
+    (["sampler.solver=rk4"], "sampler.solver='rk4'"),
+])
+def test_invalid_sampler_settings_name_the_key(compose, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        validate(compose(*overrides))
+
+
+def test_sampler_groups(compose):
+    heun = sampler_kwargs(validate(compose("sampler=heun")))
+    sde = sampler_kwargs(validate(compose("sampler=sde", "sampler.sde_diffusion=0.5")))
+    assert heun["solver"] == "heun" and "sde_diffusion" not in heun
+    assert sde["solver"] == "sde" and sde["sde_diffusion"] == 0.5

@@ -42,13 +42,28 @@ def test_quickstart_end_to_end_and_resume(tmp_path, cache_dir):
     assert len(list(run_dir.glob("samples.stale-*/*.png"))) == 40
 
 
-def test_evaluate_only_from_a_checkpoint(tmp_path, cache_dir):
+def test_evaluate_only_sweep_over_sharing_from_a_checkpoint(tmp_path, cache_dir):
     launch(*SHORT, "stage=train", f"hydra.run.dir={tmp_path / 'trained'}")
     ckpt = tmp_path / "trained" / "checkpoints" / "last.pt"
     assert not (tmp_path / "trained" / "samples").exists()
-    launch(*SHORT, "stage=[sample,evaluate]", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert results["sample"]["step"] == 6 and "train" not in results and results["metrics"]["fid"] > 0
+    launch("-m", *SHORT, "sampler.num_steps=6", "stage=evaluate", f"ckpt={ckpt}",
+           "sampler.sharing=none,uniform,dp", "sampler.num_recompute=3", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    runs = {}
+    for path in (tmp_path / "sweep").glob("*/results.json"):
+        results = json.loads(path.read_text())
+        assert results["status"] == "completed" and "train" not in results and results["metrics"]["fid"] > 0
+        runs[results["sample"]["sharing"]] = (path.parent, results["sample"])
+    assert set(runs) == {"none", "uniform", "dp"}
+    none, uniform, dp = (runs[k][1] for k in ("none", "uniform", "dp"))
+    # CFG 2 on (0, 1): every step but the first (t = 0) runs both halves.
+    assert none["step"] == 6 and none["num_recompute"] == 6
+    assert none["encoder_passes_per_image"] == none["decoder_passes_per_image"] == 11
+    # Step 0 also encodes the unconditional half, which step 1 (guided) reuses.
+    assert uniform["recompute_steps"] == [0, 2, 4] and uniform["encoder_passes_per_image"] == 6
+    assert uniform["decoder_passes_per_image"] == 11 and uniform["sharing_ratio"] == 0.5
+    assert dp["recompute_steps"][0] == 0 and len(dp["recompute_steps"]) == 3 and dp["dp_cost"] <= dp["uniform_cost"]
+    schedule = json.loads((runs["dp"][0] / "sharing_schedule.json").read_text())
+    assert len(schedule["similarity"]) == 6 and schedule["recompute_steps"] == dp["recompute_steps"]
 
 
 def test_multirun_over_encoder_depth(tmp_path, cache_dir):
@@ -79,3 +94,23 @@ def test_missing_inception_weights_stop_before_training(tmp_path, cache_dir):
     assert not (tmp_path / "run" / "checkpoints").exists()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed" and "inception.pth" in results["error"]
+
+
+def test_evaluate_an_official_lightning_checkpoint(tmp_path, cache_dir):
+    import torch
+
+    from ddt.models import DDT
+
+    tiny = ["model.depth=4", "model.encoder_depth=3", "model.hidden_size=32", "model.num_heads=2"]
+    torch.manual_seed(0)
+    model = DDT(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=4, encoder_depth=3, num_classes=10)
+    official = {"state_dict": {f"ema_denoiser.{k}": v for k, v in model.state_dict().items()}}
+    torch.save(official, tmp_path / "official.ckpt")
+    launch(*SHORT, *tiny, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
+           f"hydra.run.dir={tmp_path / 'eval'}")
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["status"] == "completed" and results["sample"]["step"] is None
+
+    proc = launch(*SHORT, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
+                  f"hydra.run.dir={tmp_path / 'mismatch'}", check=False)
+    assert proc.returncode != 0 and "does not fit the configured model" in proc.stderr

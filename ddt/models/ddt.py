@@ -229,31 +229,45 @@ class DDT(nn.Module):
             self._rope_cache[key] = rope_2d(self.hidden_size // self.num_heads, height, width).to(device)
         return self._rope_cache[key]
 
-    def encode(self, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor,
-               rope: torch.Tensor) -> torch.Tensor:
-        """Condition encoder: tokens (B, N, P) -> self-condition s (B, N, D)."""
+    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unfolded (C, p, p) patches (B, N, C*p*p) and the RoPE table of their grid."""
+        p = self.patch_size
+        rope = self.rope(x.shape[2] // p, x.shape[3] // p, x.device)
+        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2), rope
+
+    def _encode(self, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor,
+                rope: torch.Tensor) -> torch.Tensor:
         c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D), one condition per sample
         h = self.s_embedder(patches)
         for block in self.blocks[: self.encoder_depth]:
             h = block(h, c, rope)
-        return F.silu(t_emb + h)  # (B, N, D), one condition per token
+        return h
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); pass s to skip the encoder."""
-        B, _, H, W = x.shape
-        p = self.patch_size
-        rope = self.rope(H // p, W // p, x.device)
-        patches = F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)  # (B, N, C*p*p)
-        t_emb = self.t_embedder(t.reshape(-1))[:, None]  # (B, 1, D)
-        if s is None:
-            s = self.encode(patches, t_emb, y, rope)
+    def _decode(self, x: torch.Tensor, patches: torch.Tensor, s: torch.Tensor,
+                rope: torch.Tensor) -> torch.Tensor:
         h = self.x_embedder(patches)
         for block in self.blocks[self.encoder_depth:]:
             h = block(h, s, rope)
         out = self.final_layer(h, s)  # (B, N, C*p*p)
-        v = F.fold(out.transpose(1, 2), (H, W), kernel_size=p, stride=p)
-        return v, s
+        return F.fold(out.transpose(1, 2), x.shape[2:], kernel_size=self.patch_size, stride=self.patch_size)
+
+    def encoder_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The condition encoder's last hidden state h (B, N, D), before the timestep is added."""
+        patches, rope = self._patches(x)
+        return self._encode(patches, self.t_embedder(t.reshape(-1))[:, None], y, rope)
+
+    def self_condition(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s = SiLU(t_emb + h): the per-token condition of the decoder at time t."""
+        return F.silu(self.t_embedder(t.reshape(-1))[:, None] + h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); pass s to skip the encoder."""
+        patches, rope = self._patches(x)
+        if s is None:
+            t_emb = self.t_embedder(t.reshape(-1))[:, None]  # (B, 1, D)
+            s = F.silu(t_emb + self._encode(patches, t_emb, y, rope))  # (B, N, D), one per token
+        return self._decode(x, patches, s, rope), s
 
     @classmethod
     def from_official(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],

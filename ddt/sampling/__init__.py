@@ -1,4 +1,8 @@
-"""Samplers for the DDT velocity field (t = 0 noise -> t = 1 data)."""
-from ddt.sampling.euler import sample, time_grid
+"""Samplers for the DDT velocity field (t = 0 noise -> t = 1 data) and encoder-sharing schedules."""
+from ddt.sampling.sharing import (SHARING, cosine_similarity_matrix, dp_recompute_steps, schedule_cost,
+                                  statistical_schedule, uniform_recompute_steps)
+from ddt.sampling.solvers import SOLVERS, SamplingStats, sample, time_grid
 
-__all__ = ["sample", "time_grid"]
+__all__ = ["SHARING", "SOLVERS", "SamplingStats", "cosine_similarity_matrix", "dp_recompute_steps", "sample",
+           "schedule_cost", "statistical_schedule", "time_grid",
+           "uniform_recompute_steps"]

@@ -1,0 +1,132 @@
+"""Samplers from noise (t = 0) to data (t = 1): Euler, Heun and Euler–Maruyama on one loop.
+
+Grid (official): linspace(0, 1 − last_step, N) then 1.0, respaced by t / (t + (1 − t)·timeshift).
+Guidance v = v_u + w·(v_c − v_u) applies only where cfg_interval[0] < t < cfg_interval[1] (open
+interval, as the official sampler); the unconditional decoder runs only there.
+Encoder sharing: the encoder runs at `recompute_steps` (every evaluation of such a step) and its
+output is reused until the next one. With `fresh_timestep` the reused encoder state h is combined
+with the current step's timestep embedding instead of the recompute step's (the official reuse).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+SOLVERS = ("euler", "heun", "sde")
+
+
+def time_grid(num_steps: int, last_step: float | None = None, timeshift: float = 1.0) -> torch.Tensor:
+    """The N + 1 times visited by an N-step sampler, from 0 (noise) to 1 (data)."""
+    if num_steps < 1:
+        raise ValueError(f"sampler.num_steps={num_steps} must be at least 1")
+    if last_step is None or num_steps == 1:
+        last_step = 1.0 / num_steps
+    if not 0 < last_step <= 1:
+        raise ValueError(f"sampler.last_step={last_step} must be in (0, 1]")
+    t = torch.cat([torch.linspace(0.0, 1.0 - last_step, num_steps), torch.tensor([1.0])])
+    return t / (t + (1 - t) * timeshift)
+
+
+@dataclass
+class SamplingStats:
+    """Rows passed through encoder and decoder (a guided evaluation of B images passes 2B rows)."""
+
+    encoder_passes: int = 0
+    decoder_passes: int = 0
+    encoder_outputs: list = field(default_factory=list)  # s of the conditional half, if recorded
+
+
+class GuidedVelocity:
+    """v(x, t) with classifier-free guidance and the encoder-sharing cache of one sampling run."""
+
+    def __init__(self, model: nn.Module, labels: torch.Tensor, *, cfg_scale: float,
+                 cfg_interval: Sequence[float], fresh_timestep: bool, stats: SamplingStats,
+                 record: bool):
+        self.model, self.labels = model, labels
+        self.null = torch.full_like(labels, model.num_classes)
+        self.cfg_scale, self.cfg_interval = cfg_scale, tuple(cfg_interval)
+        self.fresh_timestep, self.stats, self.record = fresh_timestep, stats, record
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # half -> (h, s)
+
+    def guided(self, t: float) -> bool:
+        return self.cfg_scale != 1.0 and self.cfg_interval[0] < t < self.cfg_interval[1]
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, halves: Sequence[str], record: bool) -> None:
+        """Run the encoder for the given halves ("uncond", "cond") and cache h and s."""
+        y = torch.cat([self.null if h == "uncond" else self.labels for h in halves])
+        tt = t.expand(len(y))
+        h = self.model.encoder_output(x.repeat(len(halves), 1, 1, 1), tt, y)
+        s = self.model.self_condition(h, tt)
+        self.cache.update(zip(halves, zip(h.chunk(len(halves)), s.chunk(len(halves)))))
+        self.stats.encoder_passes += len(y)
+        if record:
+            self.stats.encoder_outputs.append(self.cache["cond"][1].cpu())
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, encode_halves: Sequence[str],
+                 first_of_step: bool = True) -> torch.Tensor:
+        """Guided velocity at (x, t); first re-encode `encode_halves` (empty = reuse the cache)."""
+        if encode_halves:
+            self.encode(x, t, encode_halves, record=self.record and first_of_step)
+        halves = ("uncond", "cond") if self.guided(t.item()) else ("cond",)
+        s = torch.cat([self.model.self_condition(self.cache[h][0], t.expand(len(x))) if self.fresh_timestep
+                       else self.cache[h][1] for h in halves])
+        y = torch.cat([self.null if h == "uncond" else self.labels for h in halves])
+        v, _ = self.model(x.repeat(len(halves), 1, 1, 1), t.expand(len(y)), y, s)
+        self.stats.decoder_passes += len(y)
+        if len(halves) == 1:
+            return v
+        v_uncond, v_cond = v.chunk(2)
+        return v_uncond + self.cfg_scale * (v_cond - v_uncond)
+
+
+def _score(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """∇ log p_t(x) from the velocity on the linear path: (t·v − x) / (1 − t)."""
+    return (t * v - x) / (1 - t)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_steps: int,
+           solver: str = "euler", cfg_scale: float = 1.0, cfg_interval: Sequence[float] = (0.0, 1.0),
+           timeshift: float = 1.0, last_step: float | None = None,
+           recompute_steps: Iterable[int] | None = None, fresh_timestep: bool = False,
+           sde_diffusion: float = 1.0, generator: torch.Generator | None = None,
+           stats: SamplingStats | None = None, record_encoder: bool = False) -> torch.Tensor:
+    """Integrate from noise (t = 0) to data (t = 1); the encoder runs only at `recompute_steps`."""
+    if solver not in SOLVERS:
+        raise ValueError(f"sampler.solver={solver!r} is unknown; choose one of {SOLVERS}")
+    times = time_grid(num_steps, last_step, timeshift).to(noise.device)
+    recompute = sorted(set(range(num_steps) if recompute_steps is None else recompute_steps))
+    if not recompute or recompute[0] != 0:
+        raise ValueError("recompute_steps must contain step 0 (there is no encoder output to reuse yet)")
+    velocity = GuidedVelocity(model, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                              fresh_timestep=fresh_timestep, stats=stats or SamplingStats(),
+                              record=record_encoder)
+    second_order = solver == "heun"
+    # The unconditional encoder output is needed at a recompute step iff some evaluation before the
+    # next recompute step is guided (the official sampler always keeps both halves).
+    needs_uncond = {}
+    for k, start in enumerate(recompute):
+        stop = recompute[k + 1] if k + 1 < len(recompute) else num_steps
+        eval_times = times[start:stop + 1] if second_order else times[start:stop]
+        needs_uncond[start] = any(velocity.guided(t.item()) for t in eval_times)
+
+    x = noise
+    for i in range(num_steps):
+        t, t_next = times[i], times[i + 1]
+        dt, last = t_next - t, i == num_steps - 1
+        halves = (("uncond", "cond") if needs_uncond[i] else ("cond",)) if i in needs_uncond else ()
+        v = velocity(x, t, halves).to(x.dtype)
+        if solver == "heun" and not last:
+            x_pred = x + v * dt
+            v_next = velocity(x_pred, t_next, halves, first_of_step=False).to(x.dtype)
+            x = x + 0.5 * (v + v_next) * dt
+        elif solver == "sde" and not last:
+            w = sde_diffusion * (1 - t)  # diffusion coefficient, vanishing at the data end
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + (v + w * _score(x, v, t)) * dt + torch.sqrt(2 * w * dt) * z
+        else:  # Euler, and the deterministic last step of every solver
+            x = x + v * dt
+    return x
