@@ -1,5 +1,6 @@
-"""Encoder-sharing benchmark: sampling wall time for none / uniform / dp at several K, against the
-FLOP bound depth·r / (depth + decoder_depth·(r − 1)) with r = N / K, plus how far each schedule's
+"""Encoder-sharing benchmark: sampling wall time for none / uniform / dp at several K against three
+bounds with r = N / K — equal-cost blocks depth·r / (depth + decoder_depth·(r − 1)), the counted
+FLOPs of an encoder and a decoder pass, and their measured times — plus how far each schedule's
 samples move from the unshared ones (official reuse vs `fresh_timestep`).
 
     python -m benchmarks.sharing                                  # random 28-block 22en6de model
@@ -34,15 +35,37 @@ def build_model(args) -> DDT:
     return model.eval()
 
 
-def timed_sample(model, noise, labels, repeats, **kwargs) -> tuple[float, torch.Tensor, SamplingStats]:
-    """Best-of-`repeats` wall time of one sampling run."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        stats = SamplingStats()
-        start = time.perf_counter()
-        out = sample(model, noise, labels, stats=stats, **kwargs)
-        best = min(best, time.perf_counter() - start)
-    return best, out, stats
+@torch.no_grad()
+def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int = 5) -> dict:
+    """FLOPs (torch's counter) and best wall time of one encoder pass and one decoder pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = torch.full((len(x),), 0.5)
+    encode = lambda: model.self_condition(model.encoder_output(x, t, labels), t)  # noqa: E731
+    s = encode()
+    decode = lambda: model(x, t, labels, s)  # noqa: E731
+    out = {}
+    for name, fn in (("encoder", encode), ("decoder", decode)):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        out[name] = {"flops": counter.get_total_flops(), "seconds": best}
+    return out
+
+
+def bound(encoder_cost: float, decoder_cost: float, r: float) -> float:
+    """Speedup if the encoder ran once every r steps and nothing else cost time."""
+    return (encoder_cost + decoder_cost) / (decoder_cost + encoder_cost / r)
+
+
+def wall_time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -51,11 +74,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--patch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--num-recompute", type=int, nargs="+", default=[125, 63, 50, 32])
     parser.add_argument("--template", type=int, default=8, help="dp template batch size")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="best-of repeats per timing")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sharing"))
     args = parser.parse_args()
 
@@ -65,46 +88,62 @@ def main() -> None:
     noise = torch.randn(args.batch, model.in_channels, size, size, generator=g)
     labels = torch.arange(args.batch) % model.num_classes
     common = dict(num_steps=args.steps, cfg_scale=1.0)
-    base_time, base, base_stats = timed_sample(model, noise, labels, args.repeats, **common)
-    rows = [{"sharing": "none", "K": args.steps, "ratio": 0.0, "seconds": base_time, "speedup": 1.0,
-             "bound": 1.0, "efficiency": 1.0, "mse_official": 0.0, "mse_fresh": 0.0}]
+    costs = pass_costs(model, noise, labels)
+    schedules = [("none", list(range(args.steps)), None)]
     for k in args.num_recompute:
-        start = time.perf_counter()
+        seconds = time.perf_counter()
         dp_steps, _ = statistical_schedule(model, noise[: args.template], labels[: args.template], k, **common)
-        dp_seconds = time.perf_counter() - start
-        for name, steps in (("uniform", uniform_recompute_steps(args.steps, k)), ("dp", dp_steps)):
-            seconds, out, stats = timed_sample(model, noise, labels, args.repeats, recompute_steps=steps, **common)
-            fresh = sample(model, noise, labels, recompute_steps=steps, fresh_timestep=True, **common)
-            r = args.steps / len(steps)
-            bound = model.depth * r / (model.depth + model.decoder_depth * (r - 1))
-            rows.append({"sharing": name, "K": len(steps), "ratio": round(1 - len(steps) / args.steps, 3),
-                         "seconds": seconds, "speedup": base_time / seconds, "bound": bound,
-                         "efficiency": base_time / seconds / bound,
-                         "mse_official": (out - base).pow(2).mean().item(),
-                         "mse_fresh": (fresh - base).pow(2).mean().item(),
-                         "encoder_passes": stats.encoder_passes / args.batch,
-                         # the schedule is made once per evaluation: its cost in images of that evaluation
-                         **({"dp_overhead_s": dp_seconds, "dp_overhead_images": dp_seconds / (seconds / args.batch)}
-                            if name == "dp" else {})})
-            print(json.dumps(rows[-1]), flush=True)
+        seconds = time.perf_counter() - seconds
+        schedules += [("uniform", uniform_recompute_steps(args.steps, k), None), ("dp", dp_steps, seconds)]
+    # Repetitions interleave the schedules, so that drifts of the machine's speed hit all of them.
+    times = [[] for _ in schedules]
+    for _ in range(args.repeats):
+        for i, (_, steps, _) in enumerate(schedules):
+            times[i].append(wall_time(lambda: sample(model, noise, labels, recompute_steps=steps, **common)))
+    base_time = min(times[0])
+    base = sample(model, noise, labels, **common)
+    rows = []
+    for (name, steps, dp_seconds), runs in zip(schedules, times):
+        seconds, r = min(runs), args.steps / len(steps)
+        stats = SamplingStats()
+        out = sample(model, noise, labels, recompute_steps=steps, stats=stats, **common)
+        fresh = sample(model, noise, labels, recompute_steps=steps, fresh_timestep=True, **common)
+        rows.append({"sharing": name, "K": len(steps), "ratio": round(1 - len(steps) / args.steps, 3),
+                     "seconds": seconds, "all_seconds": runs, "speedup": base_time / seconds,
+                     # blocks of equal cost: depth·r / (depth + decoder_depth·(r − 1))
+                     "block_bound": bound(model.encoder_depth, model.decoder_depth, r),
+                     "flop_bound": bound(costs["encoder"]["flops"], costs["decoder"]["flops"], r),
+                     "time_bound": bound(costs["encoder"]["seconds"], costs["decoder"]["seconds"], r),
+                     "mse_official": (out - base).pow(2).mean().item(),
+                     "mse_fresh": (fresh - base).pow(2).mean().item(),
+                     "encoder_passes_per_image": stats.encoder_passes / args.batch,
+                     # the schedule is made once per evaluation: its cost in images of that evaluation
+                     **({"dp_overhead_s": dp_seconds, "dp_overhead_images": dp_seconds / (seconds / args.batch)}
+                        if dp_seconds is not None else {})})
+        print(json.dumps(rows[-1]), flush=True)
 
     setting = (f"model {'ckpt ' + args.ckpt if args.ckpt else f'random 28 blocks 22en6de width {args.width}'}, "
                f"patch {model.patch_size}, {size}x{size}x{model.in_channels}, batch {args.batch}, "
                f"{args.steps} Euler steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    lines = [f"Setting: {setting}", "",
-             "| sharing | K | ratio | wall s | speedup | FLOP bound | speedup/bound | MSE vs none (official) "
-             "| MSE vs none (fresh_timestep) | dp overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    enc, dec = costs["encoder"], costs["decoder"]
+    lines = [f"Setting: {setting}. One pass over the batch: encoder {enc['flops'] / 1e9:.2f} GFLOP "
+             f"{1e3 * enc['seconds']:.1f} ms, decoder {dec['flops'] / 1e9:.2f} GFLOP {1e3 * dec['seconds']:.1f} ms "
+             f"(a decoder block costs {dec['flops'] / model.decoder_depth / (enc['flops'] / model.encoder_depth):.2f}x "
+             f"an encoder block: its adaLN is per token).", "",
+             "| sharing | K | ratio | wall s | speedup | block bound | FLOP bound | pass-time bound "
+             "| speedup / FLOP bound | MSE vs none (official) | MSE vs none (fresh_timestep) | dp overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         overhead = (f"{r['dp_overhead_s']:.2f} s = {r['dp_overhead_images']:.0f} images "
                     f"({100 * r['dp_overhead_images'] / 500:.1f}% of 500, {100 * r['dp_overhead_images'] / 50000:.2f}% "
                     f"of 50k)" if "dp_overhead_s" in r else "")
         lines.append(f"| {r['sharing']} | {r['K']} | {r['ratio']:.2f} | {r['seconds']:.2f} | {r['speedup']:.2f}x "
-                     f"| {r['bound']:.2f}x | {r['efficiency']:.2f} | {r['mse_official']:.2e} | {r['mse_fresh']:.2e} "
+                     f"| {r['block_bound']:.2f}x | {r['flop_bound']:.2f}x | {r['time_bound']:.2f}x "
+                     f"| {r['speedup'] / r['flop_bound']:.2f} | {r['mse_official']:.2e} | {r['mse_fresh']:.2e} "
                      f"| {overhead} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json({"setting": setting, "rows": rows}, out.with_suffix(".json"))
+    checkpoint.atomic_write_json({"setting": setting, "pass_costs": costs, "rows": rows}, out.with_suffix(".json"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

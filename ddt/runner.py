@@ -115,7 +115,7 @@ def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
     s = plain["sampler"]
     n, sharing = s["num_steps"], s["sharing"]
     if sharing == "none":
-        return {"sharing": sharing, "recompute_steps": None, "num_recompute": n, "sharing_ratio": 0.0}
+        return {"sharing": sharing, "recompute_steps": list(range(n)), "num_recompute": n, "sharing_ratio": 0.0}
     if sharing == "uniform":
         steps = uniform_recompute_steps(n, s["num_recompute"])
         info = {}

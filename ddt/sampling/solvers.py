@@ -54,11 +54,17 @@ class GuidedVelocity:
     def guided(self, t: float) -> bool:
         return self.cfg_scale != 1.0 and self.cfg_interval[0] < t < self.cfg_interval[1]
 
+    def _batch(self, x: torch.Tensor, halves: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of the halves ("uncond", "cond") in one batch (no copy for one half)."""
+        if tuple(halves) == ("cond",):
+            return x, self.labels
+        return torch.cat([x, x]), torch.cat([self.null, self.labels])
+
     def encode(self, x: torch.Tensor, t: torch.Tensor, halves: Sequence[str], record: bool) -> None:
-        """Run the encoder for the given halves ("uncond", "cond") and cache h and s."""
-        y = torch.cat([self.null if h == "uncond" else self.labels for h in halves])
+        """Run the encoder for the given halves and cache its output h and s = SiLU(t_emb + h)."""
+        xs, y = self._batch(x, halves)
         tt = t.expand(len(y))
-        h = self.model.encoder_output(x.repeat(len(halves), 1, 1, 1), tt, y)
+        h = self.model.encoder_output(xs, tt, y)
         s = self.model.self_condition(h, tt)
         self.cache.update(zip(halves, zip(h.chunk(len(halves)), s.chunk(len(halves)))))
         self.stats.encoder_passes += len(y)
@@ -71,10 +77,15 @@ class GuidedVelocity:
         if encode_halves:
             self.encode(x, t, encode_halves, record=self.record and first_of_step)
         halves = ("uncond", "cond") if self.guided(t.item()) else ("cond",)
-        s = torch.cat([self.model.self_condition(self.cache[h][0], t.expand(len(x))) if self.fresh_timestep
-                       else self.cache[h][1] for h in halves])
-        y = torch.cat([self.null if h == "uncond" else self.labels for h in halves])
-        v, _ = self.model(x.repeat(len(halves), 1, 1, 1), t.expand(len(y)), y, s)
+        xs, y = self._batch(x, halves)
+        tt = t.expand(len(y))
+        if self.fresh_timestep:
+            h = [self.cache[half][0] for half in halves]
+            s = self.model.self_condition(h[0] if len(h) == 1 else torch.cat(h), tt)
+        else:
+            s = [self.cache[half][1] for half in halves]
+            s = s[0] if len(s) == 1 else torch.cat(s)
+        v, _ = self.model(xs, tt, y, s)
         self.stats.decoder_passes += len(y)
         if len(halves) == 1:
             return v
