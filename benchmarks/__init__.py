@@ -1,0 +1,1 @@
+"""Benchmarks: measured speed numbers (never timed assertions). Run e.g. `python -m benchmarks.sharing`."""
