@@ -71,12 +71,12 @@ class GuidedVelocity:
         if record:
             self.stats.encoder_outputs.append(self.cache["cond"][1].cpu())
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, encode_halves: Sequence[str],
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, t_value: float, encode_halves: Sequence[str],
                  first_of_step: bool = True) -> torch.Tensor:
-        """Guided velocity at (x, t); first re-encode `encode_halves` (empty = reuse the cache)."""
+        """Guided velocity at (x, t) (t_value: t as a float); first re-encode `encode_halves`."""
         if encode_halves:
             self.encode(x, t, encode_halves, record=self.record and first_of_step)
-        halves = ("uncond", "cond") if self.guided(t.item()) else ("cond",)
+        halves = ("uncond", "cond") if self.guided(t_value) else ("cond",)
         xs, y = self._batch(x, halves)
         tt = t.expand(len(y))
         if self.fresh_timestep:
@@ -108,7 +108,8 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
     """Integrate from noise (t = 0) to data (t = 1); the encoder runs only at `recompute_steps`."""
     if solver not in SOLVERS:
         raise ValueError(f"sampler.solver={solver!r} is unknown; choose one of {SOLVERS}")
-    times = time_grid(num_steps, last_step, timeshift).to(noise.device)
+    grid = time_grid(num_steps, last_step, timeshift)
+    times, grid = grid.to(noise.device), grid.tolist()  # floats for decisions: no device syncs
     recompute = sorted(set(range(num_steps) if recompute_steps is None else recompute_steps))
     if not recompute or recompute[0] != 0:
         raise ValueError("recompute_steps must contain step 0 (there is no encoder output to reuse yet)")
@@ -121,18 +122,18 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
     needs_uncond = {}
     for k, start in enumerate(recompute):
         stop = recompute[k + 1] if k + 1 < len(recompute) else num_steps
-        eval_times = times[start:stop + 1] if second_order else times[start:stop]
-        needs_uncond[start] = any(velocity.guided(t.item()) for t in eval_times)
+        eval_times = grid[start:stop + 1] if second_order else grid[start:stop]
+        needs_uncond[start] = any(velocity.guided(t) for t in eval_times)
 
     x = noise
     for i in range(num_steps):
         t, t_next = times[i], times[i + 1]
         dt, last = t_next - t, i == num_steps - 1
         halves = (("uncond", "cond") if needs_uncond[i] else ("cond",)) if i in needs_uncond else ()
-        v = velocity(x, t, halves).to(x.dtype)
+        v = velocity(x, t, grid[i], halves).to(x.dtype)
         if solver == "heun" and not last:
             x_pred = x + v * dt
-            v_next = velocity(x_pred, t_next, halves, first_of_step=False).to(x.dtype)
+            v_next = velocity(x_pred, t_next, grid[i + 1], halves, first_of_step=False).to(x.dtype)
             x = x + 0.5 * (v + v_next) * dt
         elif solver == "sde" and not last:
             w = sde_diffusion * (1 - t)  # diffusion coefficient, vanishing at the data end
