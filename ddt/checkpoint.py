@@ -1,8 +1,16 @@
-"""Checkpoints: atomic save, safe load (`weights_only=True`), official-checkpoint conversion."""
+"""Checkpoints: atomic save, safe load (`weights_only=True`), official-checkpoint conversion.
+
+Released DDT checkpoints are PyTorch Lightning files: `state_dict` holds the denoiser under
+`denoiser.`, its EMA under `ema_denoiser.` and the REPA projector under
+`diffusion_trainer.proj.0.` (our projector's keys without that prefix). Lightning also pickles
+objects of its own (hyper-parameters, callbacks); `load` never runs their code: such classes are
+replaced by inert placeholders so the tensors can be read.
+"""
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 OFFICIAL_PREFIXES = ("ema_denoiser.", "denoiser.")
+OFFICIAL_PROJECTOR_PREFIX = "diffusion_trainer.proj.0."
 
 
 def atomic_write_bytes(path: str | Path, write_fn) -> None:
@@ -38,16 +47,42 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode()))
 
 
+class _Inert(dict):
+    """Stands in for a class a checkpoint pickled (e.g. Lightning's AttributeDict); runs no code."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __call__(self, *args, **kwargs):
+        return _Inert()
+
+    def __setstate__(self, state):
+        self["__state__"] = state
+
+
+def _inert_globals(path: Path) -> list[tuple[type, str]]:
+    """Placeholders for every non-tensor global that a checkpoint refers to."""
+    return [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name)
+            for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+
+
 def load(path: str | Path) -> dict:
-    """Load a checkpoint without unpickling arbitrary objects."""
+    """Load a checkpoint without unpickling arbitrary objects (foreign classes become placeholders)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or a pickle of arbitrary objects
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # foreign classes (Lightning's): read the tensors, run nothing
+            with torch.serialization.safe_globals(_inert_globals(path)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or truncated file
         raise RuntimeError(f"cannot load checkpoint {path}: {err}. It may be truncated or not a "
-                           f"plain state-dict checkpoint; delete it or point ckpt= at another file") from err
+                           f"state-dict checkpoint; delete it or point ckpt= at another file") from err
 
 
 def official_denoiser_state_dict(state_dict: Mapping[str, torch.Tensor],
@@ -61,3 +96,20 @@ def official_denoiser_state_dict(state_dict: Mapping[str, torch.Tensor],
         if picked:
             return picked
     return dict(state_dict)
+
+
+def official_projector_state_dict(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The REPA projector of a released Lightning checkpoint, in our key names (empty if absent)."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    n = len(OFFICIAL_PROJECTOR_PREFIX)
+    return {k[n:]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PROJECTOR_PREFIX)}
+
+
+def to_official_lightning(model: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],
+                          projector: Mapping[str, torch.Tensor] | None = None, step: int = 0) -> dict:
+    """Our weights in the released checkpoints' layout, for the official code and its tools."""
+    state = {**{f"denoiser.{k}": v for k, v in model.items()},
+             **{f"ema_denoiser.{k}": v for k, v in ema.items()},
+             **{f"{OFFICIAL_PROJECTOR_PREFIX}{k}": v for k, v in (projector or {}).items()}}
+    return {"state_dict": state, "global_step": step}

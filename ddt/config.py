@@ -11,7 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.sampling import SHARING, SOLVERS
 
-STAGES = ("train", "sample", "evaluate")
+STAGES = ("cache_latents", "train", "sample", "evaluate")
 
 
 def _decoder_depth(depth: int, encoder_depth: int) -> int:
@@ -66,10 +66,37 @@ def validate(cfg: DictConfig) -> dict:
         raise ValueError(f"train.batch_size={plain['train']['batch_size']} must be positive")
     if plain["eval"].get("num_samples", 1) < 1:
         raise ValueError(f"eval.num_samples={plain['eval']['num_samples']} must be positive")
-    stages(cfg)
+    todo = stages(cfg)
     sampler_kwargs(plain)
     check_sharing(plain)
+    check_data(plain, todo)
     return plain
+
+
+def check_data(plain: dict, todo: list[str]) -> None:
+    """Paths and settings the data, codec and REPA groups need for the stages asked for."""
+    data, res, repa = plain["data"], plain["resolution"], plain["repa"]
+    latent = res.get("vae") is not None
+    if latent and res["image_size"] != res["latent_size"] * 8:
+        raise ValueError(f"resolution.latent_size={res['latent_size']} must be resolution.image_size/8 "
+                         f"={res['image_size'] / 8:g} (SD-VAE downsamples 8x)")
+    if data["name"] in ("imagenet", "imagenet_latents") and not latent:
+        raise ValueError(f"data={data['name']} is latent-space: use resolution=r256 or r512 "
+                         f"(resolution.vae is null in this resolution)")
+    if data["name"] == "digits" and latent:
+        raise ValueError("data=digits is pixel-space: use resolution=r16")
+    needs_root = (data["name"] == "imagenet" and "train" in todo) or "cache_latents" in todo or (
+        data["name"] == "imagenet_latents" and repa["enabled"] and "train" in todo) or (
+        "evaluate" in todo and plain["eval"].get("reference") == "dataset" and data["name"] != "digits")
+    if needs_root and not data.get("root"):
+        raise ValueError(f"data.root is not set; pass data.root=/path/to/imagenet/train (an image folder "
+                         f"root/<class>/<image>) — needed by stage={todo}, data={data['name']}, "
+                         f"repa.enabled={repa['enabled']}, eval.reference={plain['eval'].get('reference')}")
+    if "cache_latents" in todo and data["name"] != "imagenet_latents":
+        raise ValueError(f"stage=cache_latents writes data=imagenet_latents' cache; data={data['name']} has none")
+    if repa["enabled"] and not 1 <= repa["align_layer"] <= plain["model"]["depth"]:
+        raise ValueError(f"repa.align_layer={repa['align_layer']} must be a block index between 1 and "
+                         f"model.depth={plain['model']['depth']}")
 
 
 def model_kwargs(plain: dict) -> dict:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import socket
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +22,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ddt.checkpoint import atomic_save, atomic_write_bytes, load
-from ddt.data.digits import to_uint8
+from ddt.data.pixels import to_uint8
 from ddt.models.digits_classifier import DigitsClassifier, train_digits_classifier
 from ddt.sampling import SamplingStats, sample
 
 DIGITS_EXTRACTOR = "digits-classifier"
 INCEPTION_EXTRACTOR = "inception-v3-compat"
+log = logging.getLogger(__name__)
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 
@@ -57,16 +60,18 @@ def write_png(image: np.ndarray, path: Path) -> None:
 def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: int, batch_size: int,
                      seed: int, sampler_kwargs: dict, latent_shape: tuple[int, ...],
                      decode: Callable[[torch.Tensor], torch.Tensor] = to_uint8,
-                     progress: bool = True) -> dict:
-    """Write samples_dir/{i:06d}.png for i < num_samples, skipping images already there."""
+                     rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    """Write samples_dir/{i:06d}.png for this rank's i < num_samples (i ≡ rank mod world_size),
+    skipping images already there."""
     samples_dir = Path(samples_dir)
     samples_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     labels = sample_labels(num_samples, model.num_classes)
-    todo = [i for i in range(num_samples) if not (samples_dir / f"{i:06d}.png").exists()]
+    mine = range(rank, num_samples, world_size)
+    todo = [i for i in mine if not (samples_dir / f"{i:06d}.png").exists()]
     stats = SamplingStats()
     start = time.perf_counter()
-    bar = tqdm(total=num_samples, initial=num_samples - len(todo), desc="sample", unit="img",
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sample", unit="img",
                disable=not progress)
     for first in range(0, len(todo), batch_size):
         batch = torch.tensor(todo[first:first + batch_size], dtype=torch.long)
@@ -235,30 +240,88 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor, *,
-                      feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
+def _reference_dataset(reference) -> torch.utils.data.Dataset:
+    return UInt8Images(reference) if isinstance(reference, torch.Tensor) else reference
+
+
+def check_reference_npz(path: str | Path) -> Path:
+    """Fail unless path is an ADM-style reference batch with mu and sigma (its images are not read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"reference batch {path} does not exist. Download it from the ADM suite "
+            f"(https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/"
+            f"{'512' if '512' in path.name else '256'}/{path.name}) and put it there or pass "
+            f"eval.reference_npz=PATH")
+    with np.load(path) as npz:
+        missing = {"mu", "sigma"} - set(npz.files)
+        if missing:
+            raise ValueError(f"reference batch {path} has no {sorted(missing)} (arrays: {npz.files}); "
+                             f"it must hold an ADM-style mu/sigma of Inception pool features")
+    return path
+
+
+def read_reference_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """mu, sigma (and arr_0 images, NHWC uint8, when present) of an ADM-suite reference batch."""
+    with np.load(check_reference_npz(path)) as npz:
+        return {k: npz[k] for k in ("mu", "sigma", "arr_0") if k in npz.files}
+
+
+def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path,
+                      *, feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
                       reference_name: str, prc: bool = True, kid: bool = False,
                       batch_size: int = 250, verbose: bool = True) -> dict[str, float]:
-    """FID, IS (and precision/recall, KID) of samples (a folder or uint8 NCHW) against reference images."""
+    """FID, IS (and precision/recall, KID) of samples (a folder or uint8 NCHW) against a reference.
+
+    The reference is images (a uint8 NCHW tensor or a Dataset of uint8 CHW images; their features
+    are cached under reference_name) or an ADM reference-batch npz: FID then uses the npz's own
+    mu/sigma, and precision/recall/KID its images (arr_0).
+    """
     import torch_fidelity
+    from torch_fidelity import metric_fid, utils as fidelity_utils
 
     if feature_extractor == DIGITS_EXTRACTOR:
         register_digits_extractor()
-    if not isinstance(samples, (str, Path)):
-        samples = UInt8Images(samples)
+    npz = read_reference_npz(reference) if isinstance(reference, (str, Path)) else None
+    if npz is not None:
+        if "arr_0" not in npz and (prc or kid):
+            log.warning("reference batch %s has no images (arr_0): precision/recall/KID are skipped", reference)
+            prc = kid = False
+        input2 = UInt8Images(torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)) if (prc or kid) else None
+    else:
+        input2 = _reference_dataset(reference)
     weights_path = Path(weights_path)
-    # Reference statistics are cached per (reference, extractor weights) so retraining invalidates them.
-    cache_name = f"{reference_name}-{feature_extractor}-{weights_path.stem}"
-    metrics = torch_fidelity.calculate_metrics(
-        input1=str(samples) if isinstance(samples, Path) else samples,
-        input2=UInt8Images(reference), input2_cache_name=cache_name,
+    # Reference features are cached per (reference, extractor weights) so retraining invalidates them;
+    # the samples' features are cached only for the length of this call (FID from an npz reuses them).
+    samples_cache_name = f"samples-{uuid.uuid4().hex}"
+    kwargs = dict(
+        input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
+        input1_cache_name=samples_cache_name,
         cache_root=str(Path(cache_dir) / "fidelity"), cache=True,
-        fid=True, isc=True, prc=prc, kid=kid,
-        kid_subset_size=min(1000, len(reference)),
         feature_extractor=feature_extractor, feature_extractor_weights_path=str(weights_path),
         batch_size=batch_size, cuda=torch.cuda.is_available(), save_cpu_ram=True,
         samples_find_ext="png", verbose=verbose,
     )
+    if input2 is not None:
+        kwargs.update(input2=input2, input2_cache_name=f"{reference_name}-{feature_extractor}-{weights_path.stem}")
+    if kid:
+        kwargs["kid_subset_size"] = min(1000, len(input2))
+    try:
+        metrics = torch_fidelity.calculate_metrics(fid=npz is None, isc=True, prc=prc, kid=kid, **kwargs)
+        if npz is not None:
+            layer = fidelity_utils.resolve_feature_layer_for_metric("fid", **kwargs)
+            extractor = fidelity_utils.create_feature_extractor(feature_extractor, [layer], **kwargs)
+            features = fidelity_utils.extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
+            stats = metric_fid.fid_featuresdict_to_statistics(features, layer)
+            reference_stats = {"mu": npz["mu"].astype(stats["mu"].dtype),
+                               "sigma": npz["sigma"].astype(stats["sigma"].dtype)}
+            if reference_stats["mu"].shape != stats["mu"].shape:
+                raise ValueError(f"reference batch {reference} has {reference_stats['mu'].shape[0]}-d statistics "
+                                 f"but {feature_extractor} gives {stats['mu'].shape[0]}-d features")
+            metrics.update(metric_fid.fid_statistics_to_metric(stats, reference_stats, verbose))
+    finally:
+        for path in (Path(cache_dir) / "fidelity").glob(f"{samples_cache_name}-*"):
+            path.unlink(missing_ok=True)
     names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
              "inception_score_std": "isc_std", "precision": "precision", "recall": "recall",
              "f_score": "f_score", "kernel_inception_distance_mean": "kid_mean",

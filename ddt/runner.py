@@ -19,11 +19,13 @@ import torch
 from omegaconf import DictConfig
 
 from ddt import checkpoint
+from ddt.components import Parts, prepare
 from ddt.config import model_kwargs, sampler_kwargs, stages, validate
-from ddt.data.digits import load_digits, to_model_range
-from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, calculate_metrics, ensure_digits_classifier,
-                          generate_samples, inception_weights_path, read_samples, sample_labels, sample_noise,
-                          write_grid, write_npz)
+from ddt.data.latents import cache_latents
+from ddt.data.pixels import to_uint8
+from ddt.distributed import cache_rank, process_rank
+from ddt.evaluate import (calculate_metrics, generate_samples, read_samples, sample_labels, sample_noise, write_grid,
+                          write_npz)
 from ddt.models import DDT
 from ddt.sampling import schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker
@@ -73,30 +75,11 @@ class Results:
         self.update()
 
 
-def load_dataset(plain: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training images (uint8 NCHW) and labels of the `data` group."""
-    if plain["data"]["name"] == "digits":
-        return load_digits(plain["resolution"]["image_size"])
-    raise ValueError(f"data.name={plain['data']['name']!r} is not available; use data=digits")
-
-
-def prepare_feature_extractor(plain: dict, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Make sure the evaluation's feature extractor is usable before any training starts."""
-    ev, cache_dir = plain["eval"], Path(plain["cache_dir"])
-    if ev["feature_extractor"] == DIGITS_EXTRACTOR:
-        path, accuracy = ensure_digits_classifier(images, labels, cache_dir, seed=0)
-        log.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
-        return {"name": DIGITS_EXTRACTOR, "weights": str(path), "test_accuracy": accuracy}
-    if ev["feature_extractor"] == INCEPTION_EXTRACTOR:
-        path = inception_weights_path(ev.get("inception_weights"), cache_dir)
-        return {"name": INCEPTION_EXTRACTOR, "weights": str(path)}
-    raise ValueError(f"eval.feature_extractor={ev['feature_extractor']!r} is not available; "
-                     f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
-
-
 def load_weights(model: DDT, path: Path) -> int | None:
     """Load EMA weights from a suite checkpoint or an official (Lightning) one; returns its step."""
     state = checkpoint.load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not a state dict or a Lightning checkpoint")
     if "ema" in state and "signature" in state:
         check_signature(state["signature"], model, path)
         model.load_state_dict(state["ema"])
@@ -196,66 +179,97 @@ def summary_line(results: dict) -> str:
 
 def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, run_dir: Path,
                 results: Results, tracker) -> None:
-    ev, sampler, progress = plain["eval"], plain["sampler"], plain["progress"]
-    images, labels = load_dataset(plain)
-    evaluating = "evaluate" in todo and ev["name"] != "none"
-    extractor = prepare_feature_extractor(plain, images, labels) if evaluating else None  # fail early
-    ckpt = Path(plain["ckpt"]) if plain["ckpt"] else None
-    last = run_dir / "checkpoints" / "last.pt"
-    step = None
+    parts = prepare(plain, todo)  # every file a stage needs is found now, before any work
+    if "cache_latents" in todo:
+        _cache_latents(plain, parts, device, results)
+    step = _train(plain, model, run_dir, results, tracker, parts) if "train" in todo else None
+    if "sample" in todo:
+        _sample(plain, todo, model, run_dir, results, parts, step)
+    if parts.extractor is not None and process_rank()[0] == 0:
+        _evaluate(plain, run_dir, results, tracker, parts)
 
-    if "train" in todo:
-        if ckpt and not last.exists():
-            load_weights(model, ckpt)  # fine-tuning starts from the checkpoint's EMA weights
-            log.info("initialised from the EMA weights of %s", ckpt)
-        dataset = torch.utils.data.TensorDataset(to_model_range(images), labels)
-        trainer = Trainer(model, dataset, TrainConfig(**plain["train"]), run_dir=run_dir, seed=plain["seed"],
-                          log=tracker.log, progress=progress)
-        if last.exists():
-            trainer.load(last)
-            log.info("resuming from %s at step %d", last, trainer.step)
-        stats = trainer.fit()
-        if stats["steps_this_session"]:
-            results.invalidate("sample", "metrics", "evaluate")
-        results.update(train=stats)
-        model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
-        step = trainer.step
-    elif "sample" in todo:
-        source = ckpt or last
+
+def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Results) -> None:
+    data = plain["data"]
+    rank, world_size = cache_rank(data.get("cache_rank"), data.get("cache_world_size"))
+    stats = cache_latents(parts.image_folder, parts.codec, data["latents_dir"], shard_size=data["shard_size"],
+                          batch_size=data["cache_batch_size"], rank=rank, world_size=world_size,
+                          dtype=data["cache_dtype"], device=device, num_workers=data["num_workers"],
+                          progress=plain["progress"])
+    results.update(cache_latents={**stats, "rank": rank, "world_size": world_size,
+                                  "latents_dir": str(data["latents_dir"])})
+
+
+def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, parts: Parts) -> int:
+    ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
+    if ckpt and not last.exists():
+        load_weights(model, ckpt)  # fine-tuning starts from the checkpoint's EMA weights
+        log.info("initialised from the EMA weights of %s", ckpt)
+    train_cfg = TrainConfig(**plain["train"], num_workers=plain["data"]["num_workers"])
+    trainer = Trainer(model, parts.train_data, train_cfg, run_dir=run_dir, seed=plain["seed"],
+                      objective=parts.objective, log=tracker.log, progress=plain["progress"])
+    if last.exists():
+        trainer.load(last)
+        log.info("resuming from %s at step %d", last, trainer.step)
+    stats = trainer.fit()
+    if stats["steps_this_session"]:
+        results.invalidate("sample", "metrics", "evaluate")
+    results.update(train=stats)
+    model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
+    return trainer.step
+
+
+def _ckpt(plain: dict) -> Path | None:
+    return Path(plain["ckpt"]).expanduser() if plain["ckpt"] else None
+
+
+def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Results, parts: Parts,
+            step: int | None) -> None:
+    ckpt, sampler, ev = _ckpt(plain), plain["sampler"], plain["eval"]
+    if "train" not in todo:
+        source = ckpt or run_dir / "checkpoints" / "last.pt"
         if not source.exists():
             raise FileNotFoundError(f"no weights to sample from: {source} does not exist; pass ckpt=PATH "
                                     f"or include train in stage")
         step = load_weights(model, source)
         log.info("sampling with the EMA weights of %s (step %s)", source, step)
-
-    samples_dir = run_dir / "samples"
-    num_samples = ev["num_samples"]
-    if "sample" in todo:
-        model.eval()
-        kwargs = sampler_kwargs(plain)
-        weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "seed": plain["seed"]}
-        latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
-        schedule = recompute_schedule(model, plain, run_dir / "sharing_schedule.json", weights, latent_shape)
+    model.eval()
+    device = next(model.parameters()).device
+    if parts.codec is not None:
+        parts.codec.to(device)
+    kwargs = sampler_kwargs(plain)
+    weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "seed": plain["seed"]}
+    latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
+    samples_dir, num_samples = run_dir / "samples", ev["num_samples"]
+    schedule = recompute_schedule(model, plain, run_dir / "sharing_schedule.json", weights, latent_shape)
+    rank, world_size = process_rank()
+    if rank == 0:
         prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
-        stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
-                                 seed=plain["seed"], latent_shape=latent_shape, progress=progress,
-                                 sampler_kwargs={**kwargs, "recompute_steps": schedule["recompute_steps"]})
-        if stats["generated"]:
-            results.invalidate("metrics", "evaluate")
-        array = read_samples(samples_dir, num_samples)
-        write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
-        write_grid(array, run_dir / "sample_grid.png")
-        results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"]),
-                               **schedule})
+    stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
+                             seed=plain["seed"], latent_shape=latent_shape, progress=plain["progress"],
+                             decode=parts.codec.decode if parts.codec is not None else to_uint8,
+                             rank=rank, world_size=world_size,
+                             sampler_kwargs={**kwargs, "recompute_steps": schedule["recompute_steps"]})
+    if stats["generated"]:
+        results.invalidate("metrics", "evaluate")
+    if rank != 0:
+        return  # rank 0 gathers the samples once every rank has written its share
+    array = read_samples(samples_dir, num_samples)
+    write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
+    write_grid(array, run_dir / "sample_grid.png")
+    results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"]),
+                           "rank": rank, "world_size": world_size, **schedule})
 
-    if evaluating:
-        start = time.perf_counter()  # the sample stage (implied by evaluate) made every image
-        metrics = calculate_metrics(samples_dir, images, feature_extractor=extractor["name"],
-                                    weights_path=extractor["weights"], cache_dir=plain["cache_dir"],
-                                    reference_name=f"{plain['data']['name']}{plain['resolution']['image_size']}",
-                                    prc=ev["prc"], kid=ev["kid"], batch_size=ev["feature_batch_size"],
-                                    verbose=progress)
-        results.update(metrics=metrics, feature_extractor=extractor,
-                       evaluate={"num_samples": num_samples, "wall_time_s": round(time.perf_counter() - start, 3)})
-        tracker.summary(metrics)
-        log.info("metrics: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts) -> None:
+    ev = plain["eval"]
+    start = time.perf_counter()  # the sample stage (implied by evaluate) made every image
+    metrics = calculate_metrics(run_dir / "samples", parts.reference, feature_extractor=parts.extractor["name"],
+                                weights_path=parts.extractor["weights"], cache_dir=plain["cache_dir"],
+                                reference_name=parts.reference_name, prc=ev["prc"], kid=ev["kid"],
+                                batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+    results.update(metrics=metrics, feature_extractor=parts.extractor,
+                   evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,
+                             "wall_time_s": round(time.perf_counter() - start, 3)})
+    tracker.summary(metrics)
+    log.info("metrics: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -1,8 +1,9 @@
 """Training loop: flow matching with AdamW, EMA, periodic atomic checkpoints and exact resume.
 
-Resuming from `checkpoints/last.pt` restores model, EMA, optimiser, the training RNG and the step;
-the batch order is a function of (seed, step) (ddt.data.order), so a resumed run reaches the
-same weights as an uninterrupted one.
+Resuming from `checkpoints/last.pt` restores model, EMA, optimiser (and REPA projector), the
+training RNG and the step; the batch order is a function of (seed, step) (ddt.data.order), so a
+resumed run reaches the same weights as an uninterrupted one. Batches are loaded by a DataLoader
+(`num_workers` processes) in that fixed order.
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ddt import checkpoint
-from ddt.data.order import batch_indices
-from ddt.flow import flow_matching_loss
+from ddt.data.order import StepBatches
+from ddt.objective import Objective
 
 
 @dataclass
@@ -38,6 +39,7 @@ class TrainConfig:
     keep_every: int = 0
     log_every: int = 100
     precision: str = "auto"
+    num_workers: int = 0
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -75,13 +77,17 @@ class Trainer:
     """Owns model, EMA, optimiser and RNG; `fit` trains up to max_steps, resuming if possible."""
 
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *,
-                 run_dir: str | Path, seed: int, log: Callable[[dict, int], None] = lambda m, s: None,
-                 progress: bool = True):
+                 run_dir: str | Path, seed: int, objective: Objective | None = None,
+                 log: Callable[[dict, int], None] = lambda m, s: None, progress: bool = True):
         self.model, self.dataset, self.cfg = model, dataset, cfg
         self.device = next(model.parameters()).device
+        self.objective = objective or Objective(time_distribution=cfg.time_distribution,
+                                                label_dropout=cfg.label_dropout)
+        self.objective.to(self.device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        trainable = [p for p in [*model.parameters(), *self.objective.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+            trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
             fused=self.device.type == "cuda")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seed, self.step = seed, 0
@@ -93,7 +99,8 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "generator": self.generator.get_state(), "signature": model_signature(self.model)}
+                "generator": self.generator.get_state(), "signature": model_signature(self.model),
+                "objective": self.objective.trainable_state_dict()}
 
     def save(self) -> Path:
         state = self.state_dict()
@@ -110,6 +117,7 @@ class Trainer:
         check_signature(state.get("signature", {}), self.model, path)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
+        self.objective.load_trainable_state_dict(state.get("objective", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
@@ -120,17 +128,18 @@ class Trainer:
         cfg = self.cfg
         start_step, start = self.step, time.perf_counter()
         last_loss = grad_norm = float("nan")
+        last_terms: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress)
         self.model.train()
-        while self.step < cfg.max_steps:
-            idx = batch_indices(self.step, cfg.batch_size, len(self.dataset), self.seed)
-            x, y = (t.to(self.device, non_blocking=True) for t in self.dataset[idx])
+        batches = torch.utils.data.DataLoader(
+            self.dataset, sampler=StepBatches(self.step, cfg.max_steps, cfg.batch_size, len(self.dataset), self.seed),
+            batch_size=None, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        for batch in batches:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                 enabled=self.autocast is not None):
-                loss = flow_matching_loss(self.model, x, y, generator=self.generator,
-                                          time_distribution=cfg.time_distribution,
-                                          label_dropout=cfg.label_dropout)
+                loss, terms = self.objective(self.model, batch, self.generator)
             if not math.isfinite(loss.item()):
                 last = self.ckpt_dir / "last.pt"
                 raise FloatingPointError(
@@ -144,12 +153,15 @@ class Trainer:
             update_ema(self.ema, self.model, cfg.ema_decay)
             self.step += 1
             last_loss = loss.item()
+            if len(terms) > 1:
+                last_terms = {k: v.item() for k, v in terms.items()}
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - start
                 self.log({"train/loss": last_loss, "train/grad_norm": grad_norm, "train/lr": cfg.lr,
-                          "train/images_per_s": (self.step - start_step) * cfg.batch_size / elapsed},
+                          "train/images_per_s": (self.step - start_step) * cfg.batch_size / elapsed,
+                          **{f"train/{k}": v for k, v in last_terms.items()}},
                          self.step)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                 self.save()
@@ -159,5 +171,6 @@ class Trainer:
         seconds = time.perf_counter() - start
         steps = self.step - start_step
         return {"step": self.step, "steps_this_session": steps, "resumed_from_step": start_step,
-                "final_loss": last_loss, "final_grad_norm": grad_norm, "wall_time_s": round(seconds, 3),
+                "final_loss": last_loss, **{f"final_{k}": v for k, v in last_terms.items()},
+                "final_grad_norm": grad_norm, "wall_time_s": round(seconds, 3),
                 "images_per_s": round(steps * cfg.batch_size / seconds, 2) if steps else None}

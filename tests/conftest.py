@@ -44,3 +44,24 @@ def launch(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.Compl
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A tiny AutoencoderKL folder (save_pretrained), loaded as resolution.vae=PATH."""
+    from tiny import save_tiny_vae
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """A tiny DINOv2-architecture ViT weights file, loaded as repa.target_weights=PATH."""
+    from tiny import save_tiny_dinov2
+    return save_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2.safetensors")
+
+
+@pytest.fixture(scope="session")
+def random_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's Inception-v3 with random weights, passed as eval.inception_weights=PATH."""
+    from tiny import save_random_inception
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-random.pth")

@@ -10,7 +10,7 @@ from ddt.config import model_kwargs, sampler_kwargs, stages, validate
 from ddt.models import DDT_PRESETS
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-          for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger")}
+          for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger", "repa")}
 
 
 def test_every_group_has_options():
@@ -19,9 +19,14 @@ def test_every_group_has_options():
     assert {"fid_digits", "fid_imagenet", "none"} <= set(GROUPS["eval"])
 
 
+# Options that only make sense with others (ImageNet data lives in latent space and needs its folder).
+COMPANIONS = {("data", "imagenet"): ["resolution=r256", "data.root=/datasets/imagenet/train"],
+              ("data", "imagenet_latents"): ["resolution=r256"], ("data", "digits"): ["resolution=r16"]}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_validates(compose, group, option):
-    cfg = compose(f"{group}={option}")
+    cfg = compose(*COMPANIONS.get((group, option), []), f"{group}={option}")
     plain = validate(cfg)
     assert plain[group] is not None
     if group == "model":

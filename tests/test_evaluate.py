@@ -68,3 +68,34 @@ def test_local_inception_weights_are_loaded_safely(tmp_path):
     torch.save({"fn": print}, bad)  # an arbitrary object: refused by weights_only loading
     with pytest.raises(RuntimeError, match="not a plain state dict"):
         inception_weights_path(str(bad), tmp_path)
+
+
+def test_fid_against_a_reference_npz_equals_fid_from_the_raw_features(digits, classifier, cache_dir, tmp_path):
+    """ADM-style reference batch: FID uses its mu/sigma, precision/recall its images (arr_0)."""
+    from ddt.models.digits_classifier import DigitsClassifier
+
+    images, _ = digits
+    path, _ = classifier
+    state = torch.load(path, weights_only=True)
+    net = DigitsClassifier(**state["config"])
+    net.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        features = net(images)[0].double().numpy()  # the raw features FID is defined on
+    mu, sigma = features.mean(0), np.cov(features, rowvar=False)
+    npz = tmp_path / "VIRTUAL_digits16.npz"
+    np.savez(npz, arr_0=images.permute(0, 2, 3, 1).numpy(), mu=mu, sigma=sigma)
+    samples = torch.randint(0, 256, (300, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    samples[:200] = images[:200]  # half real, half noise: a FID far from 0 and from the noise-only value
+    kwargs = dict(feature_extractor="digits-classifier", weights_path=path, cache_dir=cache_dir, verbose=False)
+    from_npz = calculate_metrics(samples, npz, reference_name="digits16-npz", **kwargs)
+    from_images = calculate_metrics(samples, images, reference_name="digits16-images", **kwargs)
+    assert from_npz["fid"] > 1
+    assert from_npz["fid"] == pytest.approx(from_images["fid"], rel=1e-4)
+    assert from_npz["precision"] == pytest.approx(from_images["precision"])
+    assert from_npz["isc_mean"] == pytest.approx(from_images["isc_mean"])
+    assert not list((cache_dir / "fidelity").glob("samples-*"))  # per-call sample features are removed
+    np.savez(tmp_path / "bad.npz", mu=mu)
+    with pytest.raises(ValueError, match="bad.npz has no \\['sigma'\\]"):
+        calculate_metrics(samples, tmp_path / "bad.npz", reference_name="bad", **kwargs)
+    with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz.*eval.reference_npz"):
+        calculate_metrics(samples, tmp_path / "VIRTUAL_imagenet256_labeled.npz", reference_name="x", **kwargs)

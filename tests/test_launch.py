@@ -1,5 +1,6 @@
 """`python launch.py` as a user runs it: the run directory, resume, sweeps and early failures."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -96,20 +97,45 @@ def test_missing_inception_weights_stop_before_training(tmp_path, cache_dir):
     assert results["status"] == "failed" and "inception.pth" in results["error"]
 
 
+class LightningHyperParameters(dict):
+    """Stands for the objects Lightning pickles into its checkpoints; loading must never build it."""
+
+    def __reduce__(self):
+        return (_record_unpickling, ("hyper_parameters",))
+
+
+UNPICKLED = []
+
+
+def _record_unpickling(name):
+    UNPICKLED.append(name)
+    return {}
+
+
 def test_evaluate_an_official_lightning_checkpoint(tmp_path, cache_dir):
+    """Released layout: EMA weights are used (the raw denoiser is NaN here), foreign pickles never run."""
     import torch
 
+    from ddt.checkpoint import load, to_official_lightning
     from ddt.models import DDT
 
     tiny = ["model.depth=4", "model.encoder_depth=3", "model.hidden_size=32", "model.num_heads=2"]
     torch.manual_seed(0)
     model = DDT(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=4, encoder_depth=3, num_classes=10)
-    official = {"state_dict": {f"ema_denoiser.{k}": v for k, v in model.state_dict().items()}}
+    ema = model.state_dict()
+    raw = {k: torch.full_like(v, float("nan")) for k, v in ema.items()}
+    projector = {"0.weight": torch.zeros(8, 32), "2.weight": torch.zeros(8, 8), "4.weight": torch.zeros(16, 8)}
+    official = {**to_official_lightning(raw, ema, projector, step=7),
+                "hyper_parameters": LightningHyperParameters(lr=1e-4)}
     torch.save(official, tmp_path / "official.ckpt")
+    loaded = load(tmp_path / "official.ckpt")
+    assert not UNPICKLED and loaded["global_step"] == 7
+    assert "diffusion_trainer.proj.0.4.weight" in loaded["state_dict"]
     launch(*SHORT, *tiny, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
            f"hydra.run.dir={tmp_path / 'eval'}")
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert results["status"] == "completed" and results["sample"]["step"] is None
+    assert math.isfinite(results["metrics"]["fid"]) and results["metrics"]["fid"] > 0
 
     proc = launch(*SHORT, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
                   f"hydra.run.dir={tmp_path / 'mismatch'}", check=False)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ddt.data.pixels import ImageTensors
 from ddt.flow import flow_matching_loss, interpolate, sample_time
 from ddt.models import DDT
 from ddt.train import Trainer, TrainConfig
@@ -15,8 +16,8 @@ def tiny_model(encoder_depth=2):
 
 def tiny_dataset(n=40):
     g = torch.Generator().manual_seed(1)
-    return torch.utils.data.TensorDataset(torch.randn(n, 3, 8, 8, generator=g) * 0.5,
-                                          torch.randint(0, 10, (n,), generator=g))
+    return ImageTensors(torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
+                        torch.randint(0, 10, (n,), generator=g))
 
 
 def test_interpolant_convention():
@@ -32,7 +33,8 @@ def test_interpolant_convention():
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     model = tiny_model()
-    x, y = tiny_dataset()[:16]
+    batch = tiny_dataset()[:16]
+    x, y = batch["images"].float() / 127.5 - 1, batch["labels"]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
 
     def loss():

@@ -22,12 +22,3 @@ def load_digits(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     return images, torch.tensor(data.target, dtype=torch.int64)
 
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255]."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

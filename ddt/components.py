@@ -1,0 +1,132 @@
+"""The pieces a run needs, built from the plain config before any stage starts.
+
+Dataset, VAE, REPA target encoder, FID feature extractor and reference are all loaded (or at least
+found) here, so a missing file stops the run at once with a message that names it and says where
+to get it, never hours into training.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ddt.data.digits import load_digits
+from ddt.data.imagenet import FolderImages, ImageFolder, ImageFolderBatches
+from ddt.data.latents import LatentDataset
+from ddt.data.pixels import ImageTensors
+from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, ensure_digits_classifier,
+                          inception_weights_path)
+from ddt.models.repa import RepaLoss, TargetEncoder
+from ddt.models.vae import LatentCodec
+from ddt.objective import Objective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    """What the stages of one run use; a field is None when no stage asked for it."""
+
+    image_folder: ImageFolder | None = None
+    train_data: torch.utils.data.Dataset | None = None
+    codec: LatentCodec | None = None
+    objective: Objective | None = None
+    extractor: dict | None = None
+    reference: torch.Tensor | torch.utils.data.Dataset | Path | None = None
+    reference_name: str = ""
+
+
+def load_codec(plain: dict) -> LatentCodec | None:
+    """The VAE of `resolution.vae` (None in pixel space)."""
+    name = plain["resolution"].get("vae")
+    if not name:
+        return None
+    codec = LatentCodec.from_pretrained(name)
+    log.info("VAE %s: scaling factor %g, %dx downsampling", name, codec.scaling_factor, codec.downsample)
+    return codec
+
+
+def training_data(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.utils.data.Dataset, float | None]:
+    """The training set of the `data` group and, for the latent cache, its VAE scaling factor."""
+    data, res = plain["data"], plain["resolution"]
+    if data["name"] == "digits":
+        return ImageTensors(*digits), None
+    if data["name"] == "imagenet":
+        return ImageFolderBatches(ImageFolder(data["root"], res["image_size"])), None
+    if data["name"] == "imagenet_latents":
+        image_root = data["root"] if plain["repa"]["enabled"] else None  # REPA needs the clean images
+        dataset = LatentDataset(data["latents_dir"], image_root=image_root)
+        expected = (res["channels"], res["latent_size"], res["latent_size"])
+        if tuple(dataset.latent_shape) != expected or dataset.num_classes != data["num_classes"]:
+            raise ValueError(f"latent cache {data['latents_dir']} holds {dataset.num_classes} classes of "
+                             f"{tuple(dataset.latent_shape)} latents but the config wants {data['num_classes']} "
+                             f"of {expected}; point data.latents_dir at the cache for resolution.image_size="
+                             f"{res['image_size']}")
+        return dataset, dataset.scaling_factor
+    raise ValueError(f"data.name={data['name']!r} is unknown; use data=digits, imagenet or imagenet_latents")
+
+
+def build_objective(plain: dict, codec: LatentCodec | None, scaling_factor: float | None) -> Objective:
+    """Flow matching (+ REPA when repa.enabled) with the train group's time sampling and label dropout."""
+    repa, model, train = plain["repa"], plain["model"], plain["train"]
+    repa_loss = None
+    if repa["enabled"]:
+        grid = plain["resolution"]["latent_size"] // model["patch_size"]  # one DINOv2 token per DDT token
+        target = TargetEncoder(repa["target_encoder"], repa["target_weights"], grid_size=grid,
+                               **(repa["target_kwargs"] or {}))
+        repa_loss = RepaLoss(target, hidden_size=model["hidden_size"], align_layer=repa["align_layer"],
+                             projector_dim=repa["projector_dim"], weight=repa["weight"])
+        log.info("REPA: block %d aligned to %s (%d-d tokens at %d px), weight %g", repa["align_layer"],
+                 repa["target_encoder"], target.dim, target.image_size, repa["weight"])
+    encodes_images = plain["data"]["name"] == "imagenet"
+    return Objective(codec=codec if encodes_images else None, scaling_factor=scaling_factor, repa=repa_loss,
+                     time_distribution=train["time_distribution"], label_dropout=train["label_dropout"])
+
+
+def feature_extractor(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+    """Name and weights of the evaluation's torch-fidelity feature extractor (trained or found now)."""
+    ev, cache_dir = plain["eval"], Path(plain["cache_dir"])
+    if ev["feature_extractor"] == DIGITS_EXTRACTOR:
+        path, accuracy = ensure_digits_classifier(*digits, cache_dir, seed=0)
+        log.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
+        return {"name": DIGITS_EXTRACTOR, "weights": str(path), "test_accuracy": accuracy}
+    if ev["feature_extractor"] == INCEPTION_EXTRACTOR:
+        path = inception_weights_path(ev.get("inception_weights"), cache_dir)
+        return {"name": INCEPTION_EXTRACTOR, "weights": str(path)}
+    raise ValueError(f"eval.feature_extractor={ev['feature_extractor']!r} is not available; "
+                     f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
+
+
+def evaluation_reference(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[object, str]:
+    """What samples are compared with, and the name its cached features go under."""
+    ev, data, res = plain["eval"], plain["data"], plain["resolution"]
+    if data["name"] == "digits":
+        return digits[0], f"digits{res['image_size']}"
+    if ev.get("reference") == "adm_npz":
+        path = Path(ev.get("reference_npz") or Path(plain["cache_dir"]) / res["adm_reference"]).expanduser()
+        return check_reference_npz(path), path.stem
+    if ev.get("reference") == "dataset":
+        folder = ImageFolder(data["root"], res["image_size"])
+        return FolderImages(folder), f"imagenet{res['image_size']}-{len(folder)}"
+    raise ValueError(f"eval.reference={ev.get('reference')!r} is unknown; use adm_npz or dataset")
+
+
+def prepare(plain: dict, todo: list[str]) -> Parts:
+    """Load or find everything the stages in `todo` need, failing before any work is done."""
+    parts = Parts()
+    data, evaluating = plain["data"], "evaluate" in todo and plain["eval"]["name"] != "none"
+    digits = load_digits(plain["resolution"]["image_size"]) if data["name"] == "digits" else None
+    if evaluating:
+        parts.extractor = feature_extractor(plain, digits)
+        parts.reference, parts.reference_name = evaluation_reference(plain, digits)
+    if "cache_latents" in todo:
+        parts.image_folder = ImageFolder(data["root"], plain["resolution"]["image_size"])
+    if "train" in todo:
+        parts.train_data, scaling_factor = training_data(plain, digits)
+    if {"cache_latents", "sample"} & set(todo) or ("train" in todo and data["name"] == "imagenet"):
+        parts.codec = load_codec(plain)
+    if "train" in todo:
+        parts.objective = build_objective(plain, parts.codec, scaling_factor)
+    return parts

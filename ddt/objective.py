@@ -1,0 +1,62 @@
+"""What one training step minimises: flow matching on the batch's latents, plus REPA when enabled.
+
+A batch is a dict from one of the datasets: `labels`, and `images` (uint8; pixel models, or images
+the VAE encodes on the fly) and/or `mean`/`std` (a cached VAE posterior, ddt.data.latents). Every
+random draw (posterior sample, t, noise, dropped labels) comes from the trainer's generator, so a
+resumed run draws the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ddt.data.pixels import to_model_range
+from ddt.flow import flow_matching_loss
+from ddt.models.repa import RepaLoss
+from ddt.models.vae import LatentCodec, sample_posterior
+
+
+class Objective(nn.Module):
+    """Flow-matching loss (+ repa.weight × alignment loss); trainable state is the REPA projector."""
+
+    def __init__(self, *, codec: LatentCodec | None = None, scaling_factor: float | None = None,
+                 repa: RepaLoss | None = None, time_distribution: str = "lognorm", label_dropout: float = 0.1):
+        super().__init__()
+        self.codec, self.repa = codec, repa
+        self.scaling_factor = codec.scaling_factor if codec is not None else scaling_factor
+        self.time_distribution, self.label_dropout = time_distribution, label_dropout
+
+    def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The model-space input of a batch: a posterior sample of the VAE, or pixels in [-1, 1]."""
+        if "mean" in batch:
+            if self.scaling_factor is None:
+                raise ValueError("a batch of cached VAE moments needs the cache's scaling_factor")
+            return sample_posterior(batch["mean"], batch["std"], self.scaling_factor, generator)
+        if self.codec is not None:
+            return self.codec.encode(batch["images"], generator)
+        return to_model_range(batch["images"])
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named loss terms) of one batch."""
+        x = self.latents(batch, generator)
+        kwargs = dict(generator=generator, time_distribution=self.time_distribution,
+                      label_dropout=self.label_dropout)
+        if self.repa is None:
+            loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
+            return loss, {"fm_loss": loss}
+        with self.repa.capture(model) as hidden:
+            fm_loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
+        align_loss = self.repa(hidden[0], batch["images"])
+        return fm_loss + self.repa.weight * align_loss, {"fm_loss": fm_loss, "repa_loss": align_loss}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep besides the model (the REPA projector, when present)."""
+        return self.repa.projector_state_dict() if self.repa is not None else {}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of trainable_state_dict."""
+        if self.repa is not None:
+            self.repa.projector.load_state_dict(state)
+        elif state:
+            raise ValueError("the checkpoint holds a REPA projector but repa is off; use repa=on to resume it")
