@@ -7,7 +7,7 @@ through timm, the DDT presets) so that nothing needs downloading; the numbers ar
     python -m benchmarks.imagenet --device cuda --model XL --image-size 256 --batch-size 32 \\
         --cache-images 512 --cache-batch-size 64 --workers 8
 
-Writes benchmarks/results/imagenet-<device>.{json,md}. Numbers, not assertions.
+Writes benchmarks/results/imagenet-<device>-r<size>.{json,md}. Numbers, not assertions.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def main() -> None:
         result = {"machine": machine(device), "image_size": args.image_size,
                   "cache": bench_cache(args, device, Path(tmp)), "repa": bench_repa(args, device, Path(tmp))}
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"imagenet-{device.type}"
+    name = f"imagenet-{device.type}-r{args.image_size}"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     c, r = result["cache"], result["repa"]
     md = [f"Machine: {result['machine']}, {args.image_size} px", "",
