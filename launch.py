@@ -3,6 +3,8 @@
     python launch.py                                   # the digits quickstart
     python launch.py -m model.encoder_depth=8,16,22    # a sweep, one run directory per value
     python launch.py stage=evaluate ckpt=PATH          # evaluate an existing checkpoint
+    python launch.py stage=cache_latents resolution=r256 data.root=/imagenet/train   # SD-VAE latent cache
+    python launch.py model=ddt_xl resolution=r256 repa=on data.root=/imagenet/train  # the paper's XL setting
 """
 import hydra
 from hydra.core.hydra_config import HydraConfig

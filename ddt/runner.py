@@ -1,4 +1,4 @@
-"""One run: the stages train -> sample -> evaluate wired from a composed config.
+"""One run: the stages (cache_latents ->) train -> sample -> evaluate wired from a composed config.
 
 `launch.py` hands the Hydra config and the run directory to `run`; everything else (resume, what
 weights to sample from, where results go) is decided here. Every stage can be skipped with

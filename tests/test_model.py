@@ -48,6 +48,27 @@ def test_official_xl_key_layout():
     assert ours == official
 
 
+def test_xl_state_dict_converts_to_and_from_the_released_lightning_layout():
+    from ddt.checkpoint import official_projector_state_dict, to_official_lightning
+
+    lines = [l.split()[0] for l in (REFERENCE / "ddt_official_xl_22en6de_keys.txt").read_text().splitlines()
+             if l and not l.startswith("#")]
+    with torch.device("meta"):
+        model = build_ddt("XL", encoder_depth=22)
+        projector = torch.nn.Sequential(torch.nn.Linear(1152, 2048), torch.nn.SiLU(), torch.nn.Linear(2048, 2048),
+                                        torch.nn.SiLU(), torch.nn.Linear(2048, 768))
+    ours = model.state_dict()
+    released = to_official_lightning(ours, ours, projector.state_dict(), step=400_000)
+    keys = set(released["state_dict"])
+    assert {k for k in keys if k.startswith("denoiser.")} == {f"denoiser.{k}" for k in lines}
+    assert {k for k in keys if k.startswith("ema_denoiser.")} == {f"ema_denoiser.{k}" for k in lines}
+    assert {k for k in keys if k.startswith("diffusion_trainer.")} == {
+        f"diffusion_trainer.proj.0.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    back = official_denoiser_state_dict(released)
+    assert set(back) == set(ours) and all(back[k].shape == ours[k].shape for k in ours)
+    assert set(official_projector_state_dict(released)) == set(projector.state_dict())
+
+
 @pytest.mark.parametrize("preset,count", [("XL", 674_646_352), ("L", 457_648_144),
                                           ("B", 130_262_800), ("S", 32_839_312)])
 def test_preset_parameter_counts(preset, count):
