@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from ddt import checkpoint
-from ddt.models import DDT
+from ddt.models import DDT, build_model
 from ddt.sampling import SamplingStats, sample, statistical_schedule, uniform_recompute_steps
 
 
 def build_model(args) -> DDT:
     if args.ckpt:
         state = checkpoint.load(args.ckpt)
-        model = DDT(**state["signature"])
+        model = build_model(**state["signature"])
         model.load_state_dict(state["ema"])
         return model.eval()
     torch.manual_seed(0)

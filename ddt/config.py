@@ -102,9 +102,11 @@ def check_data(plain: dict, todo: list[str]) -> None:
 def model_kwargs(plain: dict) -> dict:
     """DDT constructor arguments from the resolved `model` group."""
     m = plain["model"]
-    return dict(in_channels=m["in_channels"], patch_size=m["patch_size"], hidden_size=m["hidden_size"],
-                num_heads=m["num_heads"], depth=m["depth"], encoder_depth=m["encoder_depth"],
-                num_classes=m["num_classes"])
+    return dict(arch=m["arch"], in_channels=m["in_channels"], patch_size=m["patch_size"],
+                hidden_size=m["hidden_size"], num_heads=m["num_heads"], depth=m["depth"],
+                encoder_depth=m["encoder_depth"] if m["arch"] == "ddt" else None, num_classes=m["num_classes"],
+                norm=m["norm"], ffn=m["ffn"],
+                pos=m["pos"], qk_norm=m["qk_norm"])
 
 
 def sampler_kwargs(plain: dict) -> dict:
@@ -125,6 +127,9 @@ def check_sharing(plain: dict) -> None:
     s = plain["sampler"]
     if s["sharing"] not in SHARING:
         raise ValueError(f"sampler.sharing={s['sharing']!r} is unknown; use one of {list(SHARING)}")
+    if s["sharing"] != "none" and plain["model"]["arch"] != "ddt":
+        raise ValueError(f"sampler.sharing={s['sharing']} reuses the condition encoder of a DDT; "
+                         f"model.arch={plain['model']['arch']} has none: use sampler.sharing=none")
     if s["sharing"] != "none" and not (isinstance(s["num_recompute"], int) and 1 <= s["num_recompute"] <= s["num_steps"]):
         raise ValueError(f"sampler.sharing={s['sharing']} needs sampler.num_recompute between 1 and "
                          f"sampler.num_steps={s['num_steps']} (got {s['num_recompute']})")

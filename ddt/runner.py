@@ -26,7 +26,7 @@ from ddt.data.pixels import to_uint8
 from ddt.distributed import cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, generate_samples, read_samples, sample_labels, sample_noise, write_grid,
                           write_npz)
-from ddt.models import DDT
+from ddt.models import DDT, build_model
 from ddt.sampling import schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker
 from ddt.train import Trainer, TrainConfig, check_signature
@@ -147,9 +147,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     device = resolve_device(plain["device"])
     torch.manual_seed(plain["seed"])
     results = Results(run_dir / "results.json")
-    model = DDT(**model_kwargs(plain)).to(device)
+    model = build_model(**model_kwargs(plain)).to(device)
     results.update(status="running", stages=todo, run_dir=str(run_dir), config=plain, versions=versions(),
-                   model={**model_kwargs(plain), "decoder_depth": model.decoder_depth,
+                   model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
     tracker = make_tracker(plain["logger"])
     try:

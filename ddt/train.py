@@ -57,15 +57,20 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
+# Block options of checkpoints written before they existed: DDT's.
+SIGNATURE_DEFAULTS = {"arch": "ddt", "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope", "qk_norm": True}
+
+
 def model_signature(model: nn.Module) -> dict:
-    """The constructor arguments that a checkpoint must match."""
-    return {k: getattr(model, k) for k in
-            ("in_channels", "patch_size", "hidden_size", "num_heads", "depth", "encoder_depth", "num_classes")}
+    """The constructor arguments (for ddt.models.build_model) that a checkpoint must match."""
+    return {k: getattr(model, k, None) for k in
+            ("arch", "in_channels", "patch_size", "hidden_size", "num_heads", "depth", "encoder_depth",
+             "num_classes", "norm", "ffn", "pos", "qk_norm")}
 
 
 def check_signature(saved: dict, model: nn.Module, path: Path) -> None:
     """Fail naming every model.* key on which the checkpoint and the config disagree."""
-    current = model_signature(model)
+    current, saved = model_signature(model), {**SIGNATURE_DEFAULTS, **saved}
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())

@@ -10,7 +10,7 @@ from ddt.config import model_kwargs, sampler_kwargs, stages, validate
 from ddt.models import DDT_PRESETS
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
-          for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger", "repa")}
+          for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger", "repa", "baseline")}
 
 
 def test_every_group_has_options():
@@ -28,7 +28,7 @@ COMPANIONS = {("data", "imagenet"): ["resolution=r256", "data.root=/datasets/ima
 def test_every_option_composes_and_validates(compose, group, option):
     cfg = compose(*COMPANIONS.get((group, option), []), f"{group}={option}")
     plain = validate(cfg)
-    assert plain[group] is not None
+    assert plain[group] is not None if group != "baseline" else plain["model"]["arch"] in ("ddt", "sit")
     if group == "model":
         m = plain["model"]
         assert (m["depth"], m["hidden_size"], m["num_heads"], m["encoder_depth"]) == DDT_PRESETS[m["preset"]]
@@ -37,8 +37,9 @@ def test_every_option_composes_and_validates(compose, group, option):
 
 def test_quickstart_defaults(compose):
     plain = validate(compose())
-    assert model_kwargs(plain) == dict(in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
-                                       encoder_depth=22, num_classes=10)
+    assert model_kwargs(plain) == dict(arch="ddt", in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
+                                       encoder_depth=22, num_classes=10, norm="rmsnorm", ffn="swiglu", pos="rope",
+                                       qk_norm=True)
     assert plain["model"]["decoder_depth"] == 6
     assert stages(compose()) == ["train", "sample", "evaluate"]
     assert sampler_kwargs(plain)["num_steps"] == 16

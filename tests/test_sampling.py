@@ -24,6 +24,7 @@ class Recorder(torch.nn.Module):
     """v = 1 for real labels, 0 for the null label; records every decoder and encoder call."""
 
     num_classes = 10
+    decoupled = True
 
     def __init__(self):
         super().__init__()
@@ -92,6 +93,7 @@ class GaussianFlow(torch.nn.Module):
     """Exact velocity of the linear path to data N(mu, sigma²): the ODE maps ε to mu + sigma·ε."""
 
     num_classes = 1
+    decoupled = True
 
     def __init__(self, mu=2.0, sigma=0.5):
         super().__init__()

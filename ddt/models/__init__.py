@@ -1,4 +1,4 @@
-"""Networks: the DDT and its size presets."""
-from ddt.models.ddt import DDT, DDT_PRESETS, build_ddt
+"""Networks: the DDT, the Improved-SiT baseline and their size presets."""
+from ddt.models.ddt import ARCHS, DDT, DDT_PRESETS, SiT, build_ddt, build_model
 
-__all__ = ["DDT", "DDT_PRESETS", "build_ddt"]
+__all__ = ["ARCHS", "DDT", "DDT_PRESETS", "SiT", "build_ddt", "build_model"]

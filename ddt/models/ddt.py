@@ -6,6 +6,11 @@ A class-conditional velocity network whose blocks are split into a *condition en
 official implementation (github.com/MCG-NJU/DDT, `DDT` in decoupled_improved_dit.py) so that
 released checkpoints load by name; `DDT.from_official` does the prefix and argument mapping.
 
+The block options `norm`, `ffn`, `pos` and `qk_norm` default to DDT's (RMSNorm, SwiGLU, 2-D RoPE,
+qk-norm); the other values build the paper's "naive" DiT-style variants (LayerNorm, GELU MLP,
+fixed 2-D sin-cos positions). `SiT` is the paper's Improved-SiT baseline: the same blocks in one
+undivided stack, every block conditioned on SiLU(t_emb + y_emb), no self-condition.
+
 Time convention: t = 0 is pure noise, t = 1 is data.
 """
 from __future__ import annotations
@@ -88,6 +93,29 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+NORMS, FFNS, POSITIONS = ("rmsnorm", "layernorm"), ("swiglu", "mlp"), ("rope", "sincos")
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """Block pre-norm: RMSNorm (DDT) or LayerNorm without affine (DiT; adaLN supplies scale/shift)."""
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    raise ValueError(f"model.norm={kind!r} is unknown; use one of {NORMS}")
+
+
+def sincos_2d(dim: int, height: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos absolute position embedding (height*width, dim), as DiT/SiT (MAE)."""
+    def one_axis(positions: torch.Tensor, half: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2))
+        angles = torch.outer(positions.reshape(-1).double(), omega)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    grid_w, grid_h = torch.meshgrid(torch.arange(width), torch.arange(height), indexing="xy")
+    return torch.cat([one_axis(grid_w, dim // 2), one_axis(grid_h, dim // 2)], dim=1).float()
+
+
 def rope_2d(head_dim: int, height: int, width: int, theta: float = 1e4) -> torch.Tensor:
     """Complex 2-D rotary frequencies (height*width, head_dim/2), x and y interleaved."""
     # Positions span [0, 16] on each axis whatever the grid size, as in the official model.
@@ -109,24 +137,25 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: no qkv bias, RMSNorm on q and k, RoPE, SDPA."""
+    """Multi-head self-attention: no qkv bias, RMSNorm on q and k (qk_norm), RoPE (when given), SDPA."""
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True):
         super().__init__()
         if dim % num_heads or (dim // num_heads) % 4:
             raise ValueError(f"hidden_size={dim} must split into num_heads={num_heads} heads whose "
                              f"width is a multiple of 4 (2-D RoPE)")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = RMSNorm(dim // num_heads)
-        self.k_norm = RMSNorm(dim // num_heads)
+        self.q_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(dim // num_heads) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         B, N, D = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).unbind(2)
-        q = apply_rope(self.q_norm(q), rope)  # (B, N, H, Dh)
-        k = apply_rope(self.k_norm(k), rope)
+        q, k = self.q_norm(q), self.k_norm(k)  # (B, N, H, Dh)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
@@ -145,6 +174,18 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Mlp(nn.Module):
+    """DiT's feed-forward: Linear -> GELU (tanh) -> Linear, hidden width mlp_ratio * dim, with biases."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
 #################################################################################
 #                               Blocks and final layer                          #
 #################################################################################
@@ -152,15 +193,18 @@ class SwiGLU(nn.Module):
 class DDTBlock(nn.Module):
     """Pre-norm transformer block with adaLN shift/scale/gate from a condition (B, 1|N, D)."""
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, hidden_size: int, num_heads: int, norm: str = "rmsnorm", ffn: str = "swiglu",
+                 qk_norm: bool = True):
         super().__init__()
-        self.norm1 = RMSNorm(hidden_size)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = RMSNorm(hidden_size)
-        self.mlp = SwiGLU(hidden_size)
+        if ffn not in FFNS:
+            raise ValueError(f"model.ffn={ffn!r} is unknown; use one of {FFNS}")
+        self.norm1 = make_norm(norm, hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.norm2 = make_norm(norm, hidden_size)
+        self.mlp = SwiGLU(hidden_size) if ffn == "swiglu" else Mlp(hidden_size)
         self.adaLN_modulation = nn.Sequential(nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), rope)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -181,39 +225,37 @@ class FinalLayer(nn.Module):
 
 
 #################################################################################
-#                                    The DDT                                    #
+#                          Shared trunk, DDT and SiT                            #
 #################################################################################
 
-class DDT(nn.Module):
-    """Condition encoder (blocks[:encoder_depth]) + velocity decoder (blocks[encoder_depth:])."""
+class _Transformer(nn.Module):
+    """Embedders, blocks, final layer, positions and (un)patchify shared by DDT and SiT."""
 
-    def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, num_heads: int,
-                 depth: int, encoder_depth: int, num_classes: int):
+    decoupled = False  # whether the model has a condition encoder whose output s can be reused
+
+    def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, num_heads: int, depth: int,
+                 num_classes: int, norm: str = "rmsnorm", ffn: str = "swiglu", pos: str = "rope",
+                 qk_norm: bool = True):
         super().__init__()
-        if not 0 < encoder_depth < depth:
-            raise ValueError(f"encoder_depth={encoder_depth} must be between 1 and depth-1={depth - 1} "
-                             f"(the decoder needs at least one block)")
+        if pos not in POSITIONS:
+            raise ValueError(f"model.pos={pos!r} is unknown; use one of {POSITIONS}")
         self.in_channels, self.patch_size = in_channels, patch_size
-        self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.depth, self.encoder_depth = depth, encoder_depth
+        self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
         self.num_classes = num_classes
-        patch_dim = in_channels * patch_size**2
-        self.s_embedder = PatchEmbed(patch_dim, hidden_size)  # encoder input
-        self.x_embedder = PatchEmbed(patch_dim, hidden_size)  # decoder input
+        self.norm, self.ffn, self.pos, self.qk_norm = norm, ffn, pos, qk_norm
+        self.patch_dim = in_channels * patch_size**2
+        if self.decoupled:  # created first, so that a seed gives the same initial weights as before
+            self.s_embedder = PatchEmbed(self.patch_dim, hidden_size)  # the encoder's input
+        self.x_embedder = PatchEmbed(self.patch_dim, hidden_size)  # the decoder's (SiT: the only) input
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.blocks = nn.ModuleList(DDTBlock(hidden_size, num_heads) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, patch_dim)
-        self._rope_cache: dict[tuple, torch.Tensor] = {}
-        self.initialize_weights()
-
-    @property
-    def decoder_depth(self) -> int:
-        return self.depth - self.encoder_depth
+        self.blocks = nn.ModuleList(DDTBlock(hidden_size, num_heads, norm, ffn, qk_norm) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, self.patch_dim)
+        self._position_cache: dict[tuple, torch.Tensor] = {}
 
     def initialize_weights(self) -> None:
         """Official initialisation: xavier patch embedders, N(0, 0.02) embeddings, zeroed output."""
-        for embedder in (self.s_embedder, self.x_embedder):
+        for embedder in self.patch_embedders():
             nn.init.xavier_uniform_(embedder.proj.weight)
             nn.init.zeros_(embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
@@ -223,38 +265,71 @@ class DDT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def rope(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+    def patch_embedders(self) -> list[PatchEmbed]:
+        return [self.s_embedder, self.x_embedder] if self.decoupled else [self.x_embedder]
+
+    def positions(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """RoPE table (N, head_dim/2) complex, or sin-cos embedding (N, D), cached per grid and device."""
         key = (height, width, device)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_2d(self.hidden_size // self.num_heads, height, width).to(device)
-        return self._rope_cache[key]
+        if key not in self._position_cache:
+            table = rope_2d(self.hidden_size // self.num_heads, height, width) if self.pos == "rope" \
+                else sincos_2d(self.hidden_size, height, width)
+            self._position_cache[key] = table.to(device)
+        return self._position_cache[key]
 
     def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unfolded (C, p, p) patches (B, N, C*p*p) and the RoPE table of their grid."""
+        """Unfolded (C, p, p) patches (B, N, C*p*p) and the position table of their grid."""
         p = self.patch_size
-        rope = self.rope(x.shape[2] // p, x.shape[3] // p, x.device)
-        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2), rope
+        positions = self.positions(x.shape[2] // p, x.shape[3] // p, x.device)
+        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2), positions
+
+    def _embed(self, embedder: PatchEmbed, patches: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch tokens (+ sin-cos positions) and the RoPE table the blocks apply (None for sin-cos)."""
+        if self.pos == "rope":
+            return embedder(patches), positions
+        return embedder(patches) + positions.to(patches.dtype), None
+
+    def _unpatchify(self, out: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return F.fold(out.transpose(1, 2), size, kernel_size=self.patch_size, stride=self.patch_size)
+
+
+class DDT(_Transformer):
+    """Condition encoder (blocks[:encoder_depth]) + velocity decoder (blocks[encoder_depth:])."""
+
+    arch, decoupled = "ddt", True
+
+    def __init__(self, *, encoder_depth: int, **kwargs):
+        super().__init__(**kwargs)
+        if not 0 < encoder_depth < self.depth:
+            raise ValueError(f"encoder_depth={encoder_depth} must be between 1 and depth-1={self.depth - 1} "
+                             f"(the decoder needs at least one block)")
+        self.encoder_depth = encoder_depth
+        self.initialize_weights()
+
+    @property
+    def decoder_depth(self) -> int:
+        return self.depth - self.encoder_depth
 
     def _encode(self, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor,
-                rope: torch.Tensor) -> torch.Tensor:
+                positions: torch.Tensor) -> torch.Tensor:
         c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D), one condition per sample
-        h = self.s_embedder(patches)
+        h, rope = self._embed(self.s_embedder, patches, positions)
         for block in self.blocks[: self.encoder_depth]:
             h = block(h, c, rope)
         return h
 
     def _decode(self, x: torch.Tensor, patches: torch.Tensor, s: torch.Tensor,
-                rope: torch.Tensor) -> torch.Tensor:
-        h = self.x_embedder(patches)
+                positions: torch.Tensor) -> torch.Tensor:
+        h, rope = self._embed(self.x_embedder, patches, positions)
         for block in self.blocks[self.encoder_depth:]:
             h = block(h, s, rope)
-        out = self.final_layer(h, s)  # (B, N, C*p*p)
-        return F.fold(out.transpose(1, 2), x.shape[2:], kernel_size=self.patch_size, stride=self.patch_size)
+        return self._unpatchify(self.final_layer(h, s), x.shape[2:])  # final layer: (B, N, C*p*p)
 
     def encoder_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The condition encoder's last hidden state h (B, N, D), before the timestep is added."""
-        patches, rope = self._patches(x)
-        return self._encode(patches, self.t_embedder(t.reshape(-1))[:, None], y, rope)
+        patches, positions = self._patches(x)
+        return self._encode(patches, self.t_embedder(t.reshape(-1))[:, None], y, positions)
 
     def self_condition(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s = SiLU(t_emb + h): the per-token condition of the decoder at time t."""
@@ -263,11 +338,11 @@ class DDT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); pass s to skip the encoder."""
-        patches, rope = self._patches(x)
+        patches, positions = self._patches(x)
         if s is None:
             t_emb = self.t_embedder(t.reshape(-1))[:, None]  # (B, 1, D)
-            s = F.silu(t_emb + self._encode(patches, t_emb, y, rope))  # (B, N, D), one per token
-        return self._decode(x, patches, s, rope), s
+            s = F.silu(t_emb + self._encode(patches, t_emb, y, positions))  # (B, N, D), one per token
+        return self._decode(x, patches, s, positions), s
 
     @classmethod
     def from_official(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],
@@ -281,6 +356,28 @@ class DDT(nn.Module):
                     num_classes=config["num_classes"])
         model.load_state_dict(official_denoiser_state_dict(state_dict, prefer_ema=prefer_ema))
         return model
+
+
+class SiT(_Transformer):
+    """Improved-SiT: one stack of DDT blocks, all (and the final layer) modulated by SiLU(t_emb + y_emb)."""
+
+    arch = "sit"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.initialize_weights()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                s: None = None) -> tuple[torch.Tensor, None]:
+        """Velocity for x (B, C, H, W); the second output is None (there is no self-condition)."""
+        if s is not None:
+            raise ValueError("SiT has no condition encoder: there is no self-condition s to reuse")
+        patches, positions = self._patches(x)
+        c = F.silu(self.t_embedder(t.reshape(-1))[:, None] + self.y_embedder(y)[:, None])  # (B, 1, D)
+        h, rope = self._embed(self.x_embedder, patches, positions)
+        for block in self.blocks:
+            h = block(h, c, rope)
+        return self._unpatchify(self.final_layer(h, c), x.shape[2:]), None
 
 
 #################################################################################
@@ -297,9 +394,21 @@ DDT_PRESETS = {
 }
 
 
+ARCHS = {"ddt": DDT, "sit": SiT}
+
+
+def build_model(arch: str = "ddt", **kwargs) -> DDT | SiT:
+    """`ddt` (decoupled; needs encoder_depth) or `sit` (one undivided stack; encoder_depth is ignored)."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch={arch!r} is unknown; use one of {sorted(ARCHS)}")
+    if arch == "sit":
+        kwargs.pop("encoder_depth", None)
+    return ARCHS[arch](**kwargs)
+
+
 def build_ddt(preset: str, *, in_channels: int = 4, patch_size: int = 2, num_classes: int = 1000,
-              encoder_depth: int | None = None, **overrides) -> DDT:
-    """DDT of a named size; defaults give the paper's latent ImageNet model."""
+              encoder_depth: int | None = None, arch: str = "ddt", **overrides) -> DDT | SiT:
+    """A model of a named size; defaults give the paper's latent ImageNet DDT."""
     if preset not in DDT_PRESETS:
         raise KeyError(f"unknown DDT preset {preset!r}; choose one of {sorted(DDT_PRESETS)}")
     depth, hidden_size, num_heads, default_encoder_depth = DDT_PRESETS[preset]
@@ -307,4 +416,4 @@ def build_ddt(preset: str, *, in_channels: int = 4, patch_size: int = 2, num_cla
                   num_heads=num_heads, depth=depth, num_classes=num_classes,
                   encoder_depth=encoder_depth or default_encoder_depth)
     kwargs.update(overrides)
-    return DDT(**kwargs)
+    return build_model(arch, **kwargs)

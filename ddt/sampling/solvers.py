@@ -6,6 +6,8 @@ interval, as the official sampler); the unconditional decoder runs only there.
 Encoder sharing: the encoder runs at `recompute_steps` (every evaluation of such a step) and its
 output is reused until the next one. With `fresh_timestep` the reused encoder state h is combined
 with the current step's timestep embedding instead of the recompute step's (the official reuse).
+A model without a condition encoder (`model.decoupled` false: the SiT baseline) runs whole at every
+evaluation; asking it for sharing is an error.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ class GuidedVelocity:
 
     def encode(self, x: torch.Tensor, t: torch.Tensor, halves: Sequence[str], record: bool) -> None:
         """Run the encoder for the given halves and cache its output h and s = SiLU(t_emb + h)."""
+        if not self.model.decoupled:
+            return  # SiT: nothing to cache, every evaluation runs the whole network
         xs, y = self._batch(x, halves)
         tt = t.expand(len(y))
         h = self.model.encoder_output(xs, tt, y)
@@ -71,6 +75,14 @@ class GuidedVelocity:
         if record:
             self.stats.encoder_outputs.append(self.cache["cond"][1].cpu())
 
+    def _self_condition(self, halves: Sequence[str], t: torch.Tensor) -> torch.Tensor:
+        """The cached s of the halves; with fresh_timestep, the cached h with the current t."""
+        if self.fresh_timestep:
+            h = [self.cache[half][0] for half in halves]
+            return self.model.self_condition(h[0] if len(h) == 1 else torch.cat(h), t)
+        s = [self.cache[half][1] for half in halves]
+        return s[0] if len(s) == 1 else torch.cat(s)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, t_value: float, encode_halves: Sequence[str],
                  first_of_step: bool = True) -> torch.Tensor:
         """Guided velocity at (x, t) (t_value: t as a float); first re-encode `encode_halves`."""
@@ -79,13 +91,10 @@ class GuidedVelocity:
         halves = ("uncond", "cond") if self.guided(t_value) else ("cond",)
         xs, y = self._batch(x, halves)
         tt = t.expand(len(y))
-        if self.fresh_timestep:
-            h = [self.cache[half][0] for half in halves]
-            s = self.model.self_condition(h[0] if len(h) == 1 else torch.cat(h), tt)
+        if self.model.decoupled:
+            v, _ = self.model(xs, tt, y, self._self_condition(halves, tt))
         else:
-            s = [self.cache[half][1] for half in halves]
-            s = s[0] if len(s) == 1 else torch.cat(s)
-        v, _ = self.model(xs, tt, y, s)
+            v, _ = self.model(xs, tt, y)
         self.stats.decoder_passes += len(y)
         if len(halves) == 1:
             return v
@@ -111,6 +120,9 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
     grid = time_grid(num_steps, last_step, timeshift)
     times, grid = grid.to(noise.device), grid.tolist()  # floats for decisions: no device syncs
     recompute = sorted(set(range(num_steps) if recompute_steps is None else recompute_steps))
+    if not model.decoupled and len(recompute) != num_steps:
+        raise ValueError(f"encoder sharing needs a decoupled model (DDT); {type(model).__name__} has no condition "
+                         f"encoder to reuse: use sampler.sharing=none")
     if not recompute or recompute[0] != 0:
         raise ValueError("recompute_steps must contain step 0 (there is no encoder output to reuse yet)")
     velocity = GuidedVelocity(model, labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
