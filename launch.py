@@ -8,6 +8,7 @@
 """
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from ddt.config import register_resolvers
@@ -19,7 +20,9 @@ register_resolvers()
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict:
     """Run one configured job in Hydra's output directory."""
-    return run(cfg, HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return run(cfg, hydra_cfg.runtime.output_dir, sweep_dir=sweep_dir)
 
 
 if __name__ == "__main__":

@@ -112,8 +112,8 @@ def write_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> None:
     atomic_write_bytes(path, write)
 
 
-def write_grid(images: np.ndarray, path: str | Path, nrow: int = 10, min_tile: int = 64) -> None:
-    """Save up to nrow² images (NHWC uint8) as one PNG, upscaled so that small images stay visible."""
+def image_grid(images: np.ndarray, nrow: int = 10, min_tile: int = 64) -> np.ndarray:
+    """Up to nrow² images (NHWC uint8) tiled into one image, upscaled so that small images stay visible."""
     images = images[: nrow * nrow]
     n, h, w, c = images.shape
     scale = max(1, min_tile // h)
@@ -125,7 +125,12 @@ def write_grid(images: np.ndarray, path: str | Path, nrow: int = 10, min_tile: i
         tile = image.repeat(scale, 0).repeat(scale, 1)
         y0, x0 = pad + r * (h * scale + pad), pad + col * (w * scale + pad)
         grid[y0:y0 + h * scale, x0:x0 + w * scale] = tile
-    write_png(grid, Path(path))
+    return grid
+
+
+def write_grid(images: np.ndarray, path: str | Path, nrow: int = 10, min_tile: int = 64) -> None:
+    """Save up to nrow² images (NHWC uint8) as one PNG grid."""
+    write_png(image_grid(images, nrow, min_tile), Path(path))
 
 
 #################################################################################

@@ -24,11 +24,11 @@ from ddt.config import model_kwargs, sampler_kwargs, stages, validate
 from ddt.data.latents import cache_latents
 from ddt.data.pixels import to_uint8
 from ddt.distributed import cache_rank, process_rank
-from ddt.evaluate import (calculate_metrics, generate_samples, read_samples, sample_labels, sample_noise, write_grid,
-                          write_npz)
+from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
+                          write_grid, write_npz)
 from ddt.models import DDT, build_model
-from ddt.sampling import schedule_cost, statistical_schedule, uniform_recompute_steps
-from ddt.tracking import make_tracker
+from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
+from ddt.tracking import make_tracker, summary_row
 from ddt.train import Trainer, TrainConfig, check_signature
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def prepare_samples_dir(samples_dir: Path, meta: dict) -> None:
     checkpoint.atomic_write_json(meta, meta_path)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run the configured stages in run_dir; returns the final contents of results.json."""
+def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
+    """Run the configured stages in run_dir (one point of sweep_dir); returns results.json's contents."""
     plain = validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,15 +151,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     results.update(status="running", stages=todo, run_dir=str(run_dir), config=plain, versions=versions(),
                    model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
-    tracker = make_tracker(plain["logger"])
+    tracker = make_tracker(plain["logger"], config=plain, run_dir=run_dir, sweep_dir=sweep_dir or run_dir.parent,
+                           job_type="+".join(todo))
     try:
         _run_stages(plain, todo, model, device, run_dir, results, tracker)
     except BaseException as err:
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
+        tracker.summary({"status": "failed", "error": results.data["error"]})
         tracker.finish()
+        raise
     results.update(status="completed", error=None)
+    tracker.summary(summary_row(results.data))
+    tracker.finish()
     log.info("%s", summary_line(results.data))
     return results.data
 
@@ -184,7 +187,7 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
         _cache_latents(plain, parts, device, results)
     step = _train(plain, model, run_dir, results, tracker, parts) if "train" in todo else None
     if "sample" in todo:
-        _sample(plain, todo, model, run_dir, results, parts, step)
+        _sample(plain, todo, model, run_dir, results, parts, step, tracker)
     if parts.extractor is not None and process_rank()[0] == 0:
         _evaluate(plain, run_dir, results, tracker, parts)
 
@@ -206,8 +209,10 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
         load_weights(model, ckpt)  # fine-tuning starts from the checkpoint's EMA weights
         log.info("initialised from the EMA weights of %s", ckpt)
     train_cfg = TrainConfig(**plain["train"], num_workers=plain["data"]["num_workers"])
+    grids = plain["logger"].get("sample_every", 0)
     trainer = Trainer(model, parts.train_data, train_cfg, run_dir=run_dir, seed=plain["seed"],
-                      objective=parts.objective, log=tracker.log, progress=plain["progress"])
+                      objective=parts.objective, log=tracker.log, progress=plain["progress"],
+                      on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None)
     if last.exists():
         trainer.load(last)
         log.info("resuming from %s at step %d", last, trainer.step)
@@ -219,12 +224,29 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     return trainer.step
 
 
+def _log_grid(plain: dict, trainer: Trainer, tracker, parts: Parts) -> None:
+    """Log a grid of EMA samples (fixed noise and labels) every logger.sample_every steps."""
+    if trainer.step % plain["logger"]["sample_every"] and trainer.step != trainer.cfg.max_steps:
+        return
+    ema, n = trainer.ema, plain["logger"]["grid_size"]
+    device = next(ema.parameters()).device
+    shape = (ema.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
+    noise = sample_noise(torch.arange(n), shape, plain["seed"] + 2).to(device)
+    x = sample(ema, noise, sample_labels(n, ema.num_classes).to(device), **sampler_kwargs(plain),
+               generator=torch.Generator(device).manual_seed(plain["seed"]))
+    if parts.codec is not None:
+        parts.codec.to(device)
+    images = (parts.codec.decode(x) if parts.codec is not None else to_uint8(x)).permute(0, 2, 3, 1).cpu().numpy()
+    tracker.image("samples/ema_grid", image_grid(images, nrow=int(n ** 0.5)), trainer.step,
+                  caption=f"EMA weights, step {trainer.step}")
+
+
 def _ckpt(plain: dict) -> Path | None:
     return Path(plain["ckpt"]).expanduser() if plain["ckpt"] else None
 
 
 def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Results, parts: Parts,
-            step: int | None) -> None:
+            step: int | None, tracker) -> None:
     ckpt, sampler, ev = _ckpt(plain), plain["sampler"], plain["eval"]
     if "train" not in todo:
         source = ckpt or run_dir / "checkpoints" / "last.pt"
@@ -257,6 +279,7 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
     array = read_samples(samples_dir, num_samples)
     write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
     write_grid(array, run_dir / "sample_grid.png")
+    tracker.image("samples/final_grid", image_grid(array), step or 0, caption=f"{num_samples} samples")
     results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"]),
                            "rank": rank, "world_size": world_size, **schedule})
 

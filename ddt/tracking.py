@@ -1,7 +1,23 @@
-"""Experiment trackers behind one small interface (`log`, `summary`, `finish`)."""
+"""Experiment trackers behind one small interface (`log`, `image`, `summary`, `finish`).
+
+`logger=wandb` logs a run to Weights & Biases: the resolved config flattened to dotted keys (so
+`model.encoder_depth` is a filterable column), `group` = the study (run name + the time its sweep
+folder was first used, kept in `runs/<name>/wandb_group.txt`), `job_type` = the stages, a run id
+kept in the run directory (`wandb_id.txt`) so that a resumed or requeued job continues the same
+W&B run, and offline files under `<run_dir>/wandb/` (`wandb sync <run_dir>/wandb/offline-run-*`).
+W&B never stops training: a failing `init` falls back to offline mode, a failing call is warned
+about once and the tracker goes quiet.
+"""
 from __future__ import annotations
 
 import logging
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -12,6 +28,9 @@ class NullTracker:
     def log(self, metrics: dict, step: int) -> None:
         log.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
+    def image(self, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
+        pass
+
     def summary(self, metrics: dict) -> None:
         pass
 
@@ -19,8 +38,108 @@ class NullTracker:
         pass
 
 
-def make_tracker(logger_cfg: dict) -> NullTracker:
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """{"model": {"encoder_depth": 8}} -> {"model.encoder_depth": 8} (lists stay values)."""
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+METRICS = ("fid", "isc_mean", "precision", "recall")
+
+
+def summary_row(results: dict) -> dict[str, Any]:
+    """The headline numbers of a results.json, flat: what W&B's run summary and the analysis share."""
+    train, sample = results.get("train") or {}, results.get("sample") or {}
+    row = {"status": results.get("status"), "step": train.get("step", sample.get("step"))}
+    row.update({k: v for k, v in (results.get("metrics") or {}).items() if k in METRICS})
+    for stage, keys in (("train", ("images_per_s", "wall_time_s", "final_loss")),
+                        ("sample", ("images_per_s", "wall_time_s", "num_recompute", "sharing_ratio",
+                                    "encoder_passes_per_image", "decoder_passes_per_image"))):
+        stats = results.get(stage) or {}
+        row.update({f"{stage}.{k}": stats[k] for k in keys if k in stats})
+    return row
+
+
+def _read_or_create(path: Path, make: str) -> str:
+    """The first line of `path`, created atomically with `make` if missing (concurrent jobs agree)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        for _ in range(50):  # another job created it a moment ago and may still be writing
+            text = path.read_text().strip()
+            if text:
+                return text
+            time.sleep(0.1)
+        raise RuntimeError(f"{path} is empty; delete it to let the next run recreate it")
+    with os.fdopen(fd, "w") as f:
+        f.write(make + "\n")
+    return make
+
+
+class WandbTracker(NullTracker):
+    """A W&B run that survives W&B failures (offline fallback, then silence)."""
+
+    def __init__(self, logger_cfg: dict, *, config: dict, run_dir: Path, sweep_dir: Path, job_type: str):
+        import wandb
+
+        self.wandb, self.failed = wandb, False
+        run_id = _read_or_create(run_dir / "wandb_id.txt", uuid.uuid4().hex[:12])
+        group = logger_cfg.get("group") or _read_or_create(
+            sweep_dir / "wandb_group.txt", f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+        kwargs = dict(project=logger_cfg["project"], entity=logger_cfg.get("entity"), group=group,
+                      job_type=job_type, tags=list(logger_cfg.get("tags") or []), id=run_id, resume="allow",
+                      name=run_dir.name, dir=str(run_dir), config=flatten(config))
+        self.run = None
+        try:
+            self.run = wandb.init(mode=logger_cfg["mode"], **kwargs)
+        except Exception as err:  # no network, bad key, server down: keep the run, log offline
+            log.warning("W&B init failed (%s: %s); logging offline to %s/wandb instead "
+                        "(upload later with `wandb sync`)", type(err).__name__, err, run_dir)
+            try:
+                self.run = wandb.init(mode="offline", **kwargs)
+            except Exception as err2:
+                self.failed = True
+                log.warning("W&B offline init failed too (%s: %s); training goes on without W&B",
+                            type(err2).__name__, err2)
+        if self.run is not None:
+            log.info("W&B run %s (group %s, mode %s)", run_id, group, self.run.settings.mode)
+
+    def _safely(self, fn, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:
+            self.failed = True
+            log.warning("W&B call failed (%s: %s); training goes on without W&B logging", type(err).__name__, err)
+
+    def log(self, metrics: dict, step: int) -> None:
+        super().log(metrics, step)
+        self._safely(self.run.log, metrics, step=step)
+
+    def image(self, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
+        self._safely(lambda: self.run.log({key: self.wandb.Image(image, caption=caption)}, step=step))
+
+    def summary(self, metrics: dict) -> None:
+        self._safely(self.run.summary.update, metrics)
+
+    def finish(self) -> None:
+        self._safely(self.run.finish)
+
+
+def make_tracker(logger_cfg: dict, *, config: dict | None = None, run_dir: Path | None = None,
+                 sweep_dir: Path | None = None, job_type: str = "train") -> NullTracker:
     """The tracker named by `logger.backend`."""
     if logger_cfg["backend"] == "none":
         return NullTracker()
-    raise ValueError(f"logger.backend={logger_cfg['backend']!r} is not available; use logger=none")
+    if logger_cfg["backend"] == "wandb":
+        return WandbTracker(logger_cfg, config=config, run_dir=Path(run_dir), sweep_dir=Path(sweep_dir),
+                            job_type=job_type)
+    raise ValueError(f"logger.backend={logger_cfg['backend']!r} is not available; use logger=none or wandb")

@@ -83,8 +83,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *,
                  run_dir: str | Path, seed: int, objective: Objective | None = None,
-                 log: Callable[[dict, int], None] = lambda m, s: None, progress: bool = True):
+                 log: Callable[[dict, int], None] = lambda m, s: None,
+                 on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = True):
         self.model, self.dataset, self.cfg = model, dataset, cfg
+        self.on_checkpoint = on_checkpoint  # e.g. log a sample grid of the EMA weights
         self.device = next(model.parameters()).device
         self.objective = objective or Objective(time_distribution=cfg.time_distribution,
                                                 label_dropout=cfg.label_dropout)
@@ -170,6 +172,8 @@ class Trainer:
                          self.step)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                 self.save()
+                if self.on_checkpoint is not None:
+                    self.on_checkpoint(self)
         bar.close()
         if not (self.ckpt_dir / "last.pt").exists():
             self.save()  # max_steps = 0: the untrained model is still a checkpoint to sample from
