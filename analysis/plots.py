@@ -71,6 +71,8 @@ def fid_vs_step_figure(df: pd.DataFrame, out_dir: str | Path) -> Path:
                 ax.plot(list(curve), list(curve.values()), "--", alpha=0.6, label=f"paper {encoder_depth}en")
     ax.set_xlabel("training step")
     ax.set_ylabel("FID")
+    if len(df) and df["fid"].max() > 10 * df["fid"].min():
+        ax.set_yscale("log")  # untrained models sit an order of magnitude above trained ones
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out_dir, "fid_vs_step")

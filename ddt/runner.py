@@ -151,7 +151,8 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = Non
     results.update(status="running", stages=todo, run_dir=str(run_dir), config=plain, versions=versions(),
                    model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
-    tracker = make_tracker(plain["logger"], config=plain, run_dir=run_dir, sweep_dir=sweep_dir or run_dir.parent,
+    logger = plain["logger"] if process_rank()[0] == 0 else {"backend": "none"}  # one W&B run per job
+    tracker = make_tracker(logger, config=plain, run_dir=run_dir, sweep_dir=sweep_dir or run_dir.parent,
                            job_type="+".join(todo))
     try:
         _run_stages(plain, todo, model, device, run_dir, results, tracker)
