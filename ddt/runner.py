@@ -75,16 +75,16 @@ class Results:
         self.update()
 
 
-def load_weights(model: DDT, path: Path) -> int | None:
-    """Load EMA weights from a suite checkpoint or an official (Lightning) one; returns its step."""
+def load_weights(model: DDT, path: Path, ema: bool = True) -> int | None:
+    """Load the EMA (or raw) weights of a suite or an official (Lightning) checkpoint; returns its step."""
     state = checkpoint.load(path)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} is not a state dict or a Lightning checkpoint")
     if "ema" in state and "signature" in state:
         check_signature(state["signature"], model, path)
-        model.load_state_dict(state["ema"])
+        model.load_state_dict(state["ema" if ema else "model"])
         return int(state["step"])
-    weights = checkpoint.official_denoiser_state_dict(state)
+    weights = checkpoint.official_denoiser_state_dict(state, prefer_ema=ema)
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -207,7 +207,7 @@ def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Res
 def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, parts: Parts) -> int:
     ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
     if ckpt and not last.exists():
-        load_weights(model, ckpt)  # fine-tuning starts from the checkpoint's EMA weights
+        load_weights(model, ckpt, ema=plain["ckpt_ema"])  # fine-tuning starts from these weights
         log.info("initialised from the EMA weights of %s", ckpt)
     train_cfg = TrainConfig(**plain["train"], num_workers=plain["data"]["num_workers"])
     grids = plain["logger"].get("sample_every", 0)
@@ -254,14 +254,14 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
         if not source.exists():
             raise FileNotFoundError(f"no weights to sample from: {source} does not exist; pass ckpt=PATH "
                                     f"or include train in stage")
-        step = load_weights(model, source)
-        log.info("sampling with the EMA weights of %s (step %s)", source, step)
+        step = load_weights(model, source, ema=plain["ckpt_ema"])
+        log.info("sampling with the %s weights of %s (step %s)", "EMA" if plain["ckpt_ema"] else "raw", source, step)
     model.eval()
     device = next(model.parameters()).device
     if parts.codec is not None:
         parts.codec.to(device)
     kwargs = sampler_kwargs(plain)
-    weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "seed": plain["seed"]}
+    weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "ckpt_ema": plain["ckpt_ema"], "seed": plain["seed"]}
     latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
     samples_dir, num_samples = run_dir / "samples", ev["num_samples"]
     schedule = recompute_schedule(model, plain, run_dir / "sharing_schedule.json", weights, latent_shape)
