@@ -69,6 +69,14 @@ def _inert_globals(path: Path) -> list[tuple[type, str]]:
             for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
 
 
+def required_file(value: str, key: str, where_from: str) -> Path:
+    """The file a config key names; a missing one fails naming the key and where to get it."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}={value} does not exist. {where_from}")
+    return path
+
+
 def load(path: str | Path) -> dict:
     """Load a checkpoint without unpickling arbitrary objects (foreign classes become placeholders)."""
     path = Path(path)

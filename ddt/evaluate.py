@@ -21,7 +21,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddt.checkpoint import atomic_save, atomic_write_bytes, load
+from ddt.checkpoint import atomic_save, atomic_write_bytes, load, required_file
 from ddt.data.pixels import to_uint8
 from ddt.models.digits_classifier import DigitsClassifier, train_digits_classifier
 from ddt.sampling import SamplingStats, sample
@@ -200,11 +200,8 @@ def ensure_digits_classifier(images: torch.Tensor, labels: torch.Tensor, cache_d
 def inception_weights_path(configured: str | None, cache_dir: str | Path) -> Path:
     """Local Inception weights for torch-fidelity: the configured file, or a cached download."""
     if configured:
-        path = Path(configured).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"eval.inception_weights={configured} does not exist. Download {INCEPTION_URL} "
-                f"on a machine with internet and copy it to that path.")
+        path = required_file(configured, "eval.inception_weights",
+                             f"Download {INCEPTION_URL} on a machine with internet and copy it to that path.")
     else:
         path = Path(cache_dir) / Path(INCEPTION_URL).name
     if not path.is_file():

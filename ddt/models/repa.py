@@ -12,12 +12,13 @@ official code), 448 px for 512 px images.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ddt.checkpoint import required_file
 
 DINOV2_B14 = "vit_base_patch14_dinov2.lvd142m"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,11 +36,8 @@ class TargetEncoder(nn.Module):
         patch = 14  # DINOv2's patch size; the input size gives grid_size² tokens
         overlay = {}
         if weights:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"repa.target_weights={weights} does not exist. Download model.safetensors of "
-                    f"https://huggingface.co/timm/{name} on a machine with internet and copy it there.")
+            path = required_file(weights, "repa.target_weights", f"Download model.safetensors of "
+                                 f"https://huggingface.co/timm/{name} on a machine with internet and copy it there.")
             overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
         try:
             self.net = timm.create_model(name, pretrained=True, num_classes=0, img_size=patch * grid_size,
