@@ -31,9 +31,15 @@ def run_subdir(override_dirname: str, max_length: int = 200) -> str:
     return name
 
 
+def _required(key: str, what: str) -> None:
+    """`${ddt.required:KEY,WHAT}`: a value the command line must give (OmegaConf's ??? is lost in merges)."""
+    raise ValueError(f"{key} is required here: pass {key}=... ({what})")
+
+
 def register_resolvers() -> None:
-    """Resolvers the config files use: `ddt.decoder_depth` and `ddt.run_subdir` (idempotent)."""
-    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", run_subdir)):
+    """Resolvers the config files use: `ddt.decoder_depth`, `ddt.run_subdir`, `ddt.required` (idempotent)."""
+    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", run_subdir),
+                     ("ddt.required", _required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -8,16 +8,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ddt.distributed import rank_rows
+
 TIME_DISTRIBUTIONS = ("lognorm", "uniform")
 
 
 def sample_time(batch_size: int, distribution: str, generator: torch.Generator,
-                device: torch.device) -> torch.Tensor:
-    """Training times: `lognorm` sigmoid(N(0, 1)) or `uniform` U(0, 1)."""
+                device: torch.device, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Training times: `lognorm` sigmoid(N(0, 1)) or `uniform` U(0, 1) (this rank's rows)."""
     if distribution == "lognorm":
-        return torch.randn(batch_size, generator=generator, device=device).sigmoid()
+        return rank_rows(torch.randn, (batch_size,), generator, shard, device=device).sigmoid()
     if distribution == "uniform":
-        return torch.rand(batch_size, generator=generator, device=device)
+        return rank_rows(torch.rand, (batch_size,), generator, shard, device=device)
     raise ValueError(f"unknown time distribution {distribution!r}; choose one of {TIME_DISTRIBUTIONS}")
 
 
@@ -28,19 +30,22 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[
 
 
 def drop_labels(labels: torch.Tensor, probability: float, null_label: int,
-                generator: torch.Generator) -> torch.Tensor:
+                generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Replace labels by the null label with the given probability (classifier-free guidance)."""
-    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < probability
+    drop = rank_rows(torch.rand, tuple(labels.shape), generator, shard, device=labels.device) < probability
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
 def flow_matching_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *,
                        generator: torch.Generator, time_distribution: str = "lognorm",
-                       label_dropout: float = 0.1) -> torch.Tensor:
-    """Mean squared error between the predicted and the target velocity on a batch of clean x."""
-    t = sample_time(x.shape[0], time_distribution, generator, x.device)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    labels = drop_labels(labels, label_dropout, model.num_classes, generator)
+                       label_dropout: float = 0.1, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Mean squared error between the predicted and the target velocity on a batch of clean x.
+
+    `shard` = (rank, world size): x is this rank's share of a global batch (ddt.distributed.rank_rows).
+    """
+    t = sample_time(x.shape[0], time_distribution, generator, x.device, shard)
+    noise = rank_rows(torch.randn, tuple(x.shape), generator, shard, device=x.device, dtype=x.dtype)
+    labels = drop_labels(labels, label_dropout, model.num_classes, generator, shard)
     x_t, target = interpolate(x, noise, t)
     v, _ = model(x_t, t, labels)
     return (v.float() - target.float()).pow(2).mean()

@@ -25,15 +25,16 @@ class Objective(nn.Module):
         self.codec, self.repa = codec, repa
         self.scaling_factor = codec.scaling_factor if codec is not None else scaling_factor
         self.time_distribution, self.label_dropout = time_distribution, label_dropout
+        self.shard = (0, 1)  # (rank, world size): the trainer sets it when the batch is split over ranks
 
     def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The model-space input of a batch: a posterior sample of the VAE, or pixels in [-1, 1]."""
         if "mean" in batch:
             if self.scaling_factor is None:
                 raise ValueError("a batch of cached VAE moments needs the cache's scaling_factor")
-            return sample_posterior(batch["mean"], batch["std"], self.scaling_factor, generator)
+            return sample_posterior(batch["mean"], batch["std"], self.scaling_factor, generator, self.shard)
         if self.codec is not None:
-            return self.codec.encode(batch["images"], generator)
+            return self.codec.encode(batch["images"], generator, self.shard)
         return to_model_range(batch["images"])
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
@@ -41,7 +42,7 @@ class Objective(nn.Module):
         """(total loss, named loss terms) of one batch."""
         x = self.latents(batch, generator)
         kwargs = dict(generator=generator, time_distribution=self.time_distribution,
-                      label_dropout=self.label_dropout)
+                      label_dropout=self.label_dropout, shard=self.shard)
         if self.repa is None:
             loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
             return loss, {"fm_loss": loss}

@@ -2,15 +2,22 @@
 
 `launch.py` hands the Hydra config and the run directory to `run`; everything else (resume, what
 weights to sample from, where results go) is decided here. Every stage can be skipped with
-`stage=...` and re-running the same command on the same directory resumes.
+`stage=...`; re-running the same command on the same directory resumes an unfinished run and
+skips a completed one. That is also how SLURM requeues work: the requeued job runs the same
+command in the same (deterministic) directory. Under torch.distributed every rank runs `run`;
+rank 0 alone writes results.json, checkpoints and W&B.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +30,8 @@ from ddt.components import Parts, prepare
 from ddt.config import model_kwargs, sampler_kwargs, stages, validate
 from ddt.data.latents import cache_latents
 from ddt.data.pixels import to_uint8
-from ddt.distributed import cache_rank, process_rank
+from ddt import distributed
+from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
                           write_grid, write_npz)
 from ddt.models import DDT, build_model
@@ -58,15 +66,19 @@ def versions() -> dict:
 
 
 class Results:
-    """results.json of a run: read at start (a resumed run keeps earlier stages), rewritten atomically."""
+    """results.json of a run: read at start (a resumed run keeps earlier stages), rewritten atomically.
 
-    def __init__(self, path: Path):
-        self.path = path
+    Every rank keeps the numbers; only the writer (rank 0) writes the file.
+    """
+
+    def __init__(self, path: Path, writer: bool = True):
+        self.path, self.writer = path, writer
         self.data = json.loads(path.read_text()) if path.exists() else {}
 
     def update(self, **items) -> None:
         self.data.update(items)
-        checkpoint.atomic_write_json(self.data, self.path)
+        if self.writer:
+            checkpoint.atomic_write_json(self.data, self.path)
 
     def invalidate(self, *keys: str) -> None:
         """Forget results that a newer stage made stale (e.g. metrics of an older checkpoint)."""
@@ -138,24 +150,57 @@ def prepare_samples_dir(samples_dir: Path, meta: dict) -> None:
     checkpoint.atomic_write_json(meta, meta_path)
 
 
+# Keys that do not change what a run computes: a completed run is not redone when only these differ.
+NOT_RESULT_KEYS = ("progress", "device", "logger")
+
+
+def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
+    """Whether results.json records this very run (same config and stages) as completed."""
+    saved = results.get("config") or {}
+    return (results.get("status") == "completed" and results.get("stages") == todo
+            and {k: v for k, v in saved.items() if k not in NOT_RESULT_KEYS}
+            == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
+
+
 def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run the configured stages in run_dir (one point of sweep_dir); returns results.json's contents."""
-    plain = validate(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    todo = stages(cfg)
-    device = resolve_device(plain["device"])
+    device = distributed.setup(resolve_device(str(cfg.device)))
+    try:
+        return _run(cfg, run_dir, sweep_dir, device)
+    finally:
+        distributed.teardown()
+
+
+def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: torch.device) -> dict:
+    rank = process_rank()[0]
+    results = Results(run_dir / "results.json", writer=rank == 0)
+    try:
+        plain, todo = validate(cfg), stages(cfg)
+    except Exception as err:  # the failure of a sweep point is recorded where its results would be
+        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    if is_completed(results.data, plain, todo):
+        log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
+                 summary_line(results.data))
+        return results.data
     torch.manual_seed(plain["seed"])
-    results = Results(run_dir / "results.json")
     model = build_model(**model_kwargs(plain)).to(device)
-    results.update(status="running", stages=todo, run_dir=str(run_dir), config=plain, versions=versions(),
+    results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
+                   versions=versions(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                   world_size=process_rank()[1],
                    model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
-    logger = plain["logger"] if process_rank()[0] == 0 else {"backend": "none"}  # one W&B run per job
+    logger = plain["logger"] if rank == 0 else {"backend": "none"}  # one W&B run per job
     tracker = make_tracker(logger, config=plain, run_dir=run_dir, sweep_dir=sweep_dir or run_dir.parent,
                            job_type="+".join(todo))
     try:
         _run_stages(plain, todo, model, device, run_dir, results, tracker)
+    except SystemExit:  # submitit requeued the job after a preemption signal; the requeued job resumes
+        results.update(status="requeued")
+        tracker.finish()
+        raise
     except BaseException as err:
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
         tracker.summary({"status": "failed", "error": results.data["error"]})
@@ -217,12 +262,48 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     if last.exists():
         trainer.load(last)
         log.info("resuming from %s at step %d", last, trainer.step)
-    stats = trainer.fit()
+    barrier()  # every rank knows where it starts before rank 0 may write last.pt again
+    with checkpoint_on_preemption(trainer):
+        stats = trainer.fit()
     if stats["steps_this_session"]:
         results.invalidate("sample", "metrics", "evaluate")
     results.update(train=stats)
     model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
     return trainer.step
+
+
+def _preemption_signal() -> signal.Signals | None:
+    """The signal submitit's job handler requeues on (USR2 unless SUBMITIT_PREEMPT_SIGNAL says); None outside."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    import submitit
+
+    return submitit.JobEnvironment._usr_sig()
+
+
+@contextlib.contextmanager
+def checkpoint_on_preemption(trainer: Trainer):
+    """In a submitit job, turn its preemption signal into: finish the step, save, then requeue.
+
+    submitit's own handler requeues at once, losing the steps since the last checkpoint; here the
+    trainer calls it after saving, so the requeued job resumes from the very step it was stopped at.
+    """
+    sig = _preemption_signal()
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    requeue = signal.getsignal(sig)
+
+    def defer(signum, frame):
+        log.warning("caught %s at step %d: saving a checkpoint after this step, then requeueing",
+                    signal.Signals(signum).name, trainer.step)
+        trainer.interrupt = (lambda: requeue(signum, frame)) if callable(requeue) else (lambda: None)
+
+    signal.signal(sig, defer)
+    try:
+        yield
+    finally:
+        signal.signal(sig, requeue)
 
 
 def _log_grid(plain: dict, trainer: Trainer, tracker, parts: Parts) -> None:
@@ -268,6 +349,7 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
     rank, world_size = process_rank()
     if rank == 0:
         prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
+    barrier()  # stale samples are moved aside before any rank writes new ones
     stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
                              seed=plain["seed"], latent_shape=latent_shape, progress=plain["progress"],
                              decode=parts.codec.decode if parts.codec is not None else to_uint8,
@@ -275,6 +357,7 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
                              sampler_kwargs={**kwargs, "recompute_steps": schedule["recompute_steps"]})
     if stats["generated"]:
         results.invalidate("metrics", "evaluate")
+    barrier()
     if rank != 0:
         return  # rank 0 gathers the samples once every rank has written its share
     array = read_samples(samples_dir, num_samples)

@@ -4,6 +4,11 @@ Resuming from `checkpoints/last.pt` restores model, EMA, optimiser (and REPA pro
 training RNG and the step; the batch order is a function of (seed, step) (ddt.data.order), so a
 resumed run reaches the same weights as an uninterrupted one. Batches are loaded by a DataLoader
 (`num_workers` processes) in that fixed order.
+
+Under torch.distributed (ddt.distributed.setup) `train.batch_size` is the global batch: each rank
+loads rows rank::world_size of it and draws the same random numbers for them as one process would
+(ddt.distributed.rank_rows); DistributedDataParallel averages the gradients of model and REPA
+projector, so every rank holds the same weights and only rank 0 writes checkpoints.
 """
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ddt import checkpoint
+from ddt.distributed import mean_over_ranks, process_rank
 from ddt.data.order import StepBatches
 from ddt.objective import Objective
 
@@ -78,6 +85,17 @@ def check_signature(saved: dict, model: nn.Module, path: Path) -> None:
                          f"override those keys or use another run directory")
 
 
+class _LossModule(nn.Module):
+    """Model and objective as one module, so DDP averages the gradients of both (REPA's projector)."""
+
+    def __init__(self, model: nn.Module, objective: Objective):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        return self.objective(self.model, batch, generator)
+
+
 class Trainer:
     """Owns model, EMA, optimiser and RNG; `fit` trains up to max_steps, resuming if possible."""
 
@@ -98,6 +116,17 @@ class Trainer:
             fused=self.device.type == "cuda")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seed, self.step = seed, 0
+        self.rank, self.world_size = process_rank()
+        if cfg.batch_size % self.world_size:
+            raise ValueError(f"train.batch_size={cfg.batch_size} (the global batch) is not divisible by the "
+                             f"{self.world_size} processes; choose a multiple of {self.world_size}")
+        self.objective.shard = (self.rank, self.world_size)
+        self.loss_module: nn.Module = _LossModule(model, self.objective)
+        if self.world_size > 1:  # frozen parts (VAE, DINOv2) are equal on every rank: no buffer broadcast
+            self.loss_module = DistributedDataParallel(
+                self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.interrupt: Callable[[], None] | None = None  # set by a signal handler, see fit
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.log, self.progress = log, progress
         self.autocast = autocast_dtype(cfg.precision, self.device)
@@ -110,8 +139,13 @@ class Trainer:
                 "objective": self.objective.trainable_state_dict()}
 
     def save(self) -> Path:
-        state = self.state_dict()
+        """Write checkpoints/last.pt (and step_N.pt on cadence) on rank 0."""
         last = self.ckpt_dir / "last.pt"
+        if self.rank != 0:
+            return last
+        for stale in self.ckpt_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        state = self.state_dict()
         checkpoint.atomic_save(state, last)
         if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
             checkpoint.atomic_save(state, self.ckpt_dir / f"step_{self.step}.pt")
@@ -130,41 +164,51 @@ class Trainer:
         self.step = int(state["step"])
 
     # ----------------------------------------------------------------- the loop
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of this rank's share of a batch; leaves the rank-averaged gradients in .grad."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            loss, terms = self.loss_module(batch, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, terms
+
     def fit(self) -> dict:
-        """Train from self.step to cfg.max_steps; returns loss, speed and timing numbers."""
+        """Train from self.step to cfg.max_steps; returns loss, speed and timing numbers.
+
+        When `self.interrupt` is set (by a preemption signal handler) the loop finishes the current
+        step, saves a checkpoint and calls it (submitit's handler requeues the job and exits).
+        """
         cfg = self.cfg
         start_step, start = self.step, time.perf_counter()
         last_loss = grad_norm = float("nan")
         last_terms: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress)
+                   disable=not self.progress or self.rank != 0)
         self.model.train()
-        batches = torch.utils.data.DataLoader(
-            self.dataset, sampler=StepBatches(self.step, cfg.max_steps, cfg.batch_size, len(self.dataset), self.seed),
-            batch_size=None, num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        order = StepBatches(self.step, cfg.max_steps, cfg.batch_size, len(self.dataset), self.seed,
+                            self.rank, self.world_size)
+        batches = torch.utils.data.DataLoader(self.dataset, sampler=order, batch_size=None,
+                                              num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
         for batch in batches:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
-                                enabled=self.autocast is not None):
-                loss, terms = self.objective(self.model, batch, self.generator)
-            if not math.isfinite(loss.item()):
+            loss, terms = self.forward_backward(batch)
+            # max |grad| after DDP's averaging: the same on every rank, NaN if any rank's loss was
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+            if not math.isfinite(norm.item()):
                 last = self.ckpt_dir / "last.pt"
                 raise FloatingPointError(
-                    f"training loss is {loss.item()} at step {self.step}; the last good checkpoint is "
+                    f"training loss is {mean_over_ranks(loss).item()} (max |grad| {norm.item()}) at step "
+                    f"{self.step}; the last good checkpoint is "
                     f"{last if last.exists() else 'none (no checkpoint written yet)'}. "
                     f"Lower train.lr or check the data.")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")).item()
             self.optimizer.step()
             update_ema(self.ema, self.model, cfg.ema_decay)
             self.step += 1
-            last_loss = loss.item()
-            if len(terms) > 1:
-                last_terms = {k: v.item() for k, v in terms.items()}
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                last_loss, grad_norm = mean_over_ranks(loss).item(), norm.item()
+                last_terms = {k: mean_over_ranks(v).item() for k, v in terms.items()} if len(terms) > 1 else {}
+                bar.set_postfix(loss=f"{last_loss:.4f}")
                 elapsed = time.perf_counter() - start
                 self.log({"train/loss": last_loss, "train/grad_norm": grad_norm, "train/lr": cfg.lr,
                           "train/images_per_s": (self.step - start_step) * cfg.batch_size / elapsed,
@@ -172,8 +216,12 @@ class Trainer:
                          self.step)
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
                 self.save()
-                if self.on_checkpoint is not None:
+                if self.on_checkpoint is not None and self.rank == 0:
                     self.on_checkpoint(self)
+            if self.interrupt is not None:
+                interrupt, self.interrupt = self.interrupt, None
+                self.save()
+                interrupt()
         bar.close()
         if not (self.ckpt_dir / "last.pt").exists():
             self.save()  # max_steps = 0: the untrained model is still a checkpoint to sample from
@@ -182,4 +230,5 @@ class Trainer:
         return {"step": self.step, "steps_this_session": steps, "resumed_from_step": start_step,
                 "final_loss": last_loss, **{f"final_{k}": v for k, v in last_terms.items()},
                 "final_grad_norm": grad_norm, "wall_time_s": round(seconds, 3),
-                "images_per_s": round(steps * cfg.batch_size / seconds, 2) if steps else None}
+                "images_per_s": round(steps * cfg.batch_size / seconds, 2) if steps else None,
+                "world_size": self.world_size}

@@ -29,9 +29,18 @@ def test_quickstart_end_to_end_and_resume(tmp_path, cache_dir):
     assert results["feature_extractor"]["test_accuracy"] > 0.95
     assert results["model"]["decoder_depth"] == 6 and results["versions"]["torch"]
 
-    # The same command on the same directory resumes: nothing is retrained or resampled.
+    # The same command on a completed run is skipped (progress is not part of what a run computes).
+    stamp = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    proc = launch(*SHORT, f"hydra.run.dir={run_dir}", "progress=true")
+    assert "already completed" in proc.stdout
+    assert json.loads((run_dir / "results.json").read_text()) == results
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
+
+    # An unfinished run (killed during evaluation) resumes: nothing is retrained or resampled.
+    (run_dir / "results.json").write_text(json.dumps({**results, "status": "running"}))
     launch(*SHORT, f"hydra.run.dir={run_dir}")
     again = json.loads((run_dir / "results.json").read_text())
+    assert again["status"] == "completed"
     assert again["train"]["steps_this_session"] == 0 and again["sample"]["generated"] == 0
     assert again["metrics"]["fid"] == pytest.approx(results["metrics"]["fid"], rel=1e-6)
 

@@ -12,14 +12,15 @@ import torch
 import torch.nn as nn
 
 from ddt.data.pixels import to_model_range, to_uint8
+from ddt.distributed import rank_rows
 
 SD_VAE = "stabilityai/sd-vae-ft-ema"
 
 
 def sample_posterior(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float,
-                     generator: torch.Generator) -> torch.Tensor:
-    """A scaled latent (mean + std·ε)·scaling_factor, ε drawn from `generator`."""
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+                     generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """A scaled latent (mean + std·ε)·scaling_factor, ε drawn from `generator` (this rank's rows)."""
+    noise = rank_rows(torch.randn, tuple(mean.shape), generator, shard, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * scaling_factor
 
 
@@ -61,14 +62,16 @@ class LatentCodec(nn.Module):
         dist = self.vae.encode(to_model_range(images)).latent_dist
         return dist.mean.float(), dist.std.float()
 
-    def sample(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """A scaled latent (mean + std·ε)·scaling_factor, ε drawn from `generator`."""
-        return sample_posterior(mean, std, self.scaling_factor, generator)
+        return sample_posterior(mean, std, self.scaling_factor, generator, shard)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator,
+               shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         """Scaled latents of uint8 NCHW images (one posterior sample each)."""
-        return self.sample(*self.moments(images), generator)
+        return self.sample(*self.moments(images), generator, shard)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, chunk_size: int = 32) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Sweeps through the submitit SLURM launcher on a real single-node SLURM (scripts/slurm_localhost.sh).
+
+The fixture brings the cluster up (idempotent; .ci/run already did); if SLURM cannot start, these
+tests fail with the script's output: they never skip.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slurm
+TINY = ["train.batch_size=16", "train.ckpt_every=2", "eval.num_samples=20", "sampler.num_steps=4",
+        "sampler.batch_size=10", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "slurm_localhost.sh")], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"SLURM did not come up (scripts/slurm_localhost.sh):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def sweep(*args: str, sweep_dir: Path, name: str) -> subprocess.Popen:
+    """`python launch.py -m +cluster=localhost ARGS` as a background process (the launcher blocks)."""
+    cmd = [sys.executable, str(ROOT / "launch.py"), "-m", "+cluster=localhost", *args,
+           f"hydra.sweep.dir={sweep_dir}", f"hydra.launcher.name={name}"]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def runs(sweep_dir: Path) -> dict[str, dict]:
+    """results.json of each point, keyed by its run directory name."""
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/results.json")}
+
+
+def job_ids(name: str) -> dict[int, str]:
+    """{array index: job id} of the jobs named `name` (squeue while queued or running)."""
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+    return {int(j.split("_")[1]): j for j in out if "_" in j and "[" not in j}
+
+
+def sacct_states(job: str) -> list[str]:
+    """Every state sacct records for a job, its requeued incarnations included (-D)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-j", job, "-o", "State"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
+    """Two good points and a bad one: the good ones complete, the bad one records its error; a rerun
+    skips the completed points."""
+    name = f"ddt-sweep-{uuid.uuid4().hex[:8]}"
+    args = ["model.encoder_depth=8,16,40", "train.max_steps=4", *TINY]
+    start = time.perf_counter()
+    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name))
+    wall = time.perf_counter() - start
+    assert code != 0 and "model.encoder_depth=40" in out, out[-3000:]  # the sweep reports the failure
+    results = runs(tmp_path)
+    by_depth = {r["config"]["model"]["encoder_depth"] if "config" in r else 40: r for r in results.values()}
+    assert set(by_depth) == {8, 16, 40}
+    for depth in (8, 16):
+        r = by_depth[depth]
+        assert r["status"] == "completed" and r["metrics"]["fid"] > 0 and r["train"]["step"] == 4
+        assert r["slurm_job_id"] and "COMPLETED" in sacct_states(r["slurm_job_id"])
+    assert by_depth[40]["status"] == "failed" and "model.encoder_depth=40" in by_depth[40]["error"]
+    assert len(list(tmp_path.glob(".submitit/*"))) == 1  # a fresh submitit folder per launch
+    print(f"3-point SLURM sweep wall time {wall:.1f} s")
+
+    stamps = {d: (tmp_path / d / "results.json").stat().st_mtime_ns for d in results}
+    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name))
+    assert code != 0, out[-3000:]  # the bad point fails again
+    again = runs(tmp_path)
+    for d, r in again.items():
+        if r.get("status") == "completed":
+            assert (tmp_path / d / "results.json").stat().st_mtime_ns == stamps[d], d  # skipped, untouched
+    logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*/*_log.out"))
+    assert logs.count("is already completed") == 2
+    assert len(list(tmp_path.glob(".submitit/*"))) == 2
+
+
+def wait_for_step(run_dirs: list[Path], key: int, step: int, timeout: float = 300) -> Path:
+    """The run directory whose config has train.log_every == key, once its last.pt reached `step`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for d in run_dirs:
+            r = d / "results.json"
+            if r.exists():
+                try:
+                    data = json.loads(r.read_text())
+                except json.JSONDecodeError:
+                    continue
+                last = d / "checkpoints" / "last.pt"
+                if data.get("config", {}).get("train", {}).get("log_every") == key and last.exists():
+                    if torch.load(last, weights_only=True, map_location="cpu")["step"] >= step:
+                        return d
+        time.sleep(0.5)
+        run_dirs[:] = [p for p in run_dirs[0].parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    raise TimeoutError(f"no run with train.log_every={key} reached step {step}")
+
+
+def test_requeue_and_preemption_signal_resume_to_identical_weights(tmp_path, cache_dir, slurm):
+    """Three identical trainings (train.log_every changes nothing computed): one runs through, one is
+    `scontrol requeue`d mid-training, one gets submitit's preemption signal (checkpoint, then requeue)."""
+    name = f"ddt-requeue-{uuid.uuid4().hex[:8]}"
+    steps = 120
+    proc = sweep("train.log_every=500,501,502", "stage=train", f"train.max_steps={steps}", "train.ckpt_every=10",
+                 *[a for a in TINY if not a.startswith("train.ckpt_every")], sweep_dir=tmp_path, name=name)
+    try:
+        time.sleep(2)
+        dirs = [tmp_path]
+        requeued = wait_for_step(dirs, 501, 20)
+        ids = job_ids(name)
+        subprocess.run(["scontrol", "requeue", ids[1]], check=True)
+        signalled = wait_for_step(dirs, 502, 20)
+        ids = job_ids(name)
+        subprocess.run(["scancel", "--signal", "USR2", ids[2]], check=True)  # what SLURM sends before a limit
+        code, out = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0, out[-4000:]
+    straight = next(d for d in tmp_path.iterdir() if (d / "results.json").exists() and d not in (requeued, signalled))
+    ref = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    assert ref["step"] == steps
+    for d, job in ((requeued, ids[1]), (signalled, ids[2])):
+        r = json.loads((d / "results.json").read_text())
+        assert r["status"] == "completed" and r["train"]["step"] == steps, d
+        assert 0 < r["train"]["resumed_from_step"] < steps, r["train"]  # resumed, not restarted
+        assert "REQUEUED" in sacct_states(job) or len(sacct_states(job)) > 1, sacct_states(job)
+        got = torch.load(d / "checkpoints" / "last.pt", weights_only=True)
+        for part in ("model", "ema"):
+            for k, v in ref[part].items():
+                assert torch.equal(got[part][k], v), (d.name, part, k)
+        print(f"{d.name}: resumed from step {r['train']['resumed_from_step']}, states {sacct_states(job)}")
