@@ -36,8 +36,14 @@ def sweep(*args: str, sweep_dir: Path, name: str) -> subprocess.Popen:
                             env={**os.environ, "HYDRA_FULL_ERROR": "1"})
 
 
-def finish(proc: subprocess.Popen, timeout: float = 900) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
+def finish(proc: subprocess.Popen, name: str, timeout: float = 900) -> tuple[int, str]:
+    """Wait for the launcher; on a timeout or error, cancel its jobs so they do not hold the node."""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            subprocess.run(["scancel", "-n", name])
     return proc.returncode, out
 
 
@@ -64,7 +70,7 @@ def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
     name = f"ddt-sweep-{uuid.uuid4().hex[:8]}"
     args = ["model.encoder_depth=8,16,40", "train.max_steps=4", *TINY]
     start = time.perf_counter()
-    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name))
+    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name), name)
     wall = time.perf_counter() - start
     assert code != 0 and "model.encoder_depth=40" in out, out[-3000:]  # the sweep reports the failure
     results = runs(tmp_path)
@@ -79,7 +85,7 @@ def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
     print(f"3-point SLURM sweep wall time {wall:.1f} s")
 
     stamps = {d: (tmp_path / d / "results.json").stat().st_mtime_ns for d in results}
-    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name))
+    code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name), name)
     assert code != 0, out[-3000:]  # the bad point fails again
     again = runs(tmp_path)
     for d, r in again.items():
@@ -90,23 +96,20 @@ def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
     assert len(list(tmp_path.glob(".submitit/*"))) == 2
 
 
-def wait_for_step(run_dirs: list[Path], key: int, step: int, timeout: float = 300) -> Path:
+def wait_for_step(sweep_dir: Path, key: int, step: int, timeout: float = 300) -> Path:
     """The run directory whose config has train.log_every == key, once its last.pt reached `step`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for d in run_dirs:
-            r = d / "results.json"
-            if r.exists():
-                try:
-                    data = json.loads(r.read_text())
-                except json.JSONDecodeError:
-                    continue
-                last = d / "checkpoints" / "last.pt"
-                if data.get("config", {}).get("train", {}).get("log_every") == key and last.exists():
-                    if torch.load(last, weights_only=True, map_location="cpu")["step"] >= step:
-                        return d
+        for d in sweep_dir.iterdir():
+            last = d / "checkpoints" / "last.pt"
+            try:
+                data = json.loads((d / "results.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if data.get("config", {}).get("train", {}).get("log_every") == key and last.exists():
+                if torch.load(last, weights_only=True, map_location="cpu")["step"] >= step:
+                    return d
         time.sleep(0.5)
-        run_dirs[:] = [p for p in run_dirs[0].parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
     raise TimeoutError(f"no run with train.log_every={key} reached step {step}")
 
 
@@ -118,18 +121,17 @@ def test_requeue_and_preemption_signal_resume_to_identical_weights(tmp_path, cac
     proc = sweep("train.log_every=500,501,502", "stage=train", f"train.max_steps={steps}", "train.ckpt_every=10",
                  *[a for a in TINY if not a.startswith("train.ckpt_every")], sweep_dir=tmp_path, name=name)
     try:
-        time.sleep(2)
-        dirs = [tmp_path]
-        requeued = wait_for_step(dirs, 501, 20)
+        requeued = wait_for_step(tmp_path, 501, 20)
         ids = job_ids(name)
         subprocess.run(["scontrol", "requeue", ids[1]], check=True)
-        signalled = wait_for_step(dirs, 502, 20)
+        signalled = wait_for_step(tmp_path, 502, 20)
         ids = job_ids(name)
         subprocess.run(["scancel", "--signal", "USR2", ids[2]], check=True)  # what SLURM sends before a limit
-        code, out = finish(proc)
+        code, out = finish(proc, name)
     finally:
         if proc.poll() is None:
             proc.kill()
+            subprocess.run(["scancel", "-n", name])
     assert code == 0, out[-4000:]
     straight = next(d for d in tmp_path.iterdir() if (d / "results.json").exists() and d not in (requeued, signalled))
     ref = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
