@@ -1,19 +1,47 @@
-"""The real quickstart, exactly as `python launch.py` runs it, against the untrained model (slow)."""
+"""The real quickstart study, exactly as a user runs it, against the untrained model (slow).
+
+`python launch.py -m +experiment=quickstart_ratio` trains the quickstart at 7 encoder/decoder splits;
+its 22en6de point is the default `python launch.py` run.
+"""
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import launch
+from conftest import ROOT, launch
+
+DEPTHS = [4, 8, 12, 16, 20, 22, 24]
 
 
 @pytest.mark.slow
-def test_quickstart_beats_the_untrained_model(tmp_path, cache_dir):
-    launch("progress=false", f"hydra.run.dir={tmp_path / 'trained'}")
+def test_quickstart_ratio_study_end_to_end(tmp_path, cache_dir):
+    sweep = tmp_path / "quickstart_ratio"
+    start = time.perf_counter()
+    launch("-m", "+experiment=quickstart_ratio", "progress=false", f"hydra.sweep.dir={sweep}")
+    wall = time.perf_counter() - start
     launch("progress=false", "train.max_steps=0", f"hydra.run.dir={tmp_path / 'untrained'}")
-    trained = json.loads((tmp_path / "trained" / "results.json").read_text())
     untrained = json.loads((tmp_path / "untrained" / "results.json").read_text())
-    assert trained["status"] == untrained["status"] == "completed"
-    assert trained["train"]["step"] == trained["config"]["train"]["max_steps"]
-    assert trained["metrics"]["fid"] < 0.25 * untrained["metrics"]["fid"]
-    assert trained["metrics"]["isc_mean"] > untrained["metrics"]["isc_mean"]
-    assert trained["metrics"]["precision"] > untrained["metrics"]["precision"]
+    runs = {r["model"]["encoder_depth"]: r for r in
+            (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))}
+    assert sorted(runs) == DEPTHS
+    for depth, r in runs.items():
+        assert r["status"] == "completed" and r["train"]["step"] == r["config"]["train"]["max_steps"] == 500
+        assert r["model"]["decoder_depth"] == 28 - depth and r["config"]["tags"] == ["encoder_ratio", "quickstart"]
+        assert r["metrics"]["fid"] < untrained["metrics"]["fid"], depth
+    default = runs[22]  # = `python launch.py`
+    assert default["metrics"]["fid"] < 0.25 * untrained["metrics"]["fid"]
+    assert default["metrics"]["isc_mean"] > untrained["metrics"]["isc_mean"]
+    assert default["metrics"]["precision"] > untrained["metrics"]["precision"]
+
+    report = subprocess.run([sys.executable, "-m", "analysis.report", str(sweep), "--out", str(tmp_path / "fig")],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "encoder/decoder ratio" in report and any((tmp_path / "fig").glob("*.png"))
+    print(f"quickstart_ratio: 7 runs in {wall:.0f} s")
+    for depth in DEPTHS:
+        m = runs[depth]["metrics"]
+        print(f"{depth}en{28 - depth}de  FID {m['fid']:.2f}  IS {m['isc_mean']:.2f}  "
+              f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  train {runs[depth]['train']['wall_time_s']:.0f} s")
+    print(f"untrained FID {untrained['metrics']['fid']:.2f}  IS {untrained['metrics']['isc_mean']:.2f}")
+    print(report)
