@@ -289,15 +289,15 @@ def checkpoint_on_preemption(trainer: Trainer):
     trainer calls it after saving, so the requeued job resumes from the very step it was stopped at.
     """
     sig = _preemption_signal()
-    if sig is None or threading.current_thread() is not threading.main_thread():
-        yield
+    requeue = signal.getsignal(sig) if sig is not None else None
+    if not callable(requeue) or threading.current_thread() is not threading.main_thread():
+        yield  # not in a submitit job (or no handler of its to defer)
         return
-    requeue = signal.getsignal(sig)
 
     def defer(signum, frame):
         log.warning("caught %s at step %d: saving a checkpoint after this step, then requeueing",
                     signal.Signals(signum).name, trainer.step)
-        trainer.interrupt = (lambda: requeue(signum, frame)) if callable(requeue) else (lambda: None)
+        trainer.interrupt = lambda: requeue(signum, frame)
 
     signal.signal(sig, defer)
     try:

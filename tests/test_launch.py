@@ -152,3 +152,14 @@ def test_evaluate_an_official_lightning_checkpoint(tmp_path, cache_dir):
     proc = launch(*SHORT, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
                   f"hydra.run.dir={tmp_path / 'mismatch'}", check=False)
     assert proc.returncode != 0 and "does not fit the configured model" in proc.stderr
+
+
+def test_submitit_local_sweep(tmp_path, cache_dir):
+    """`+cluster=local`: the same sweep as jobs of submitit's local executor, results in the same layout."""
+    args = [a for a in SHORT if not a.startswith(("train.max_steps", "eval.num_samples"))]
+    launch("-m", "+cluster=local", "model.encoder_depth=8,16", "train.max_steps=2", "eval.num_samples=20",
+           *args, f"hydra.sweep.dir={tmp_path}")
+    results = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert sorted(r["model"]["encoder_depth"] for r in results) == [8, 16]
+    assert all(r["status"] == "completed" and r["metrics"]["fid"] > 0 for r in results)
+    assert len(list(tmp_path.glob(".submitit/*/*/*_result.pkl"))) == 2  # submitit ran them as jobs
