@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.run import machine, sync
 from ddt.data.imagenet import ImageFolder
 from ddt.data.latents import LatentDataset, cache_latents
 from ddt.models import build_ddt
@@ -32,11 +32,6 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                      layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256,
                      scaling_factor=0.18215)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def write_folder(root: Path, n: int, classes: int = 10) -> ImageFolder:
@@ -132,14 +127,6 @@ def bench_repa(args, device: torch.device, tmp: Path) -> dict:
             "step_s_with_repa": round(with_repa, 4), "repa_overhead": round(with_repa / without - 1, 4),
             "images_per_s_without_repa": round(args.batch_size / without, 2),
             "images_per_s_with_repa": round(args.batch_size / with_repa, 2)}
-
-
-def machine(device: torch.device) -> dict:
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-           platform.machine()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int =
     """FLOPs (torch's counter) and best wall time of one encoder pass and one decoder pass."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    t = torch.full((len(x),), 0.5)
+    t = torch.full((len(x),), 0.5, device=x.device)
     encode = lambda: model.self_condition(model.encoder_output(x, t, labels), t)  # noqa: E731
     s = encode()
     decode = lambda: model(x, t, labels, s)  # noqa: E731

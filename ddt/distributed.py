@@ -84,6 +84,15 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
+def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum of a tensor over ranks (itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def rank_rows(draw: Callable[..., torch.Tensor], shape: tuple[int, ...], generator: torch.Generator,
               shard: tuple[int, int] = (0, 1), **kwargs) -> torch.Tensor:
     """`draw` (torch.randn/rand) for this rank's rows of a global batch, the numbers one process gets.

@@ -34,7 +34,7 @@ from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
                           write_grid, write_npz)
-from ddt.models import DDT, build_model
+from ddt.models import DDT, build_model, compile_blocks
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
 from ddt.train import Trainer, TrainConfig, check_signature
@@ -338,6 +338,7 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
         step = load_weights(model, source, ema=plain["ckpt_ema"])
         log.info("sampling with the %s weights of %s (step %s)", "EMA" if plain["ckpt_ema"] else "raw", source, step)
     model.eval()
+    compile_blocks(model, sampler["compile"])
     device = next(model.parameters()).device
     if parts.codec is not None:
         parts.codec.to(device)

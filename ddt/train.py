@@ -25,8 +25,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ddt import checkpoint
-from ddt.distributed import mean_over_ranks, process_rank
+from ddt.distributed import max_over_ranks, mean_over_ranks, process_rank
 from ddt.data.order import StepBatches
+from ddt.models import compile_blocks
 from ddt.objective import Objective
 
 
@@ -47,6 +48,8 @@ class TrainConfig:
     log_every: int = 100
     precision: str = "auto"
     num_workers: int = 0
+    compile: bool = False  # torch.compile each block (regional compilation: one graph for all blocks)
+    activation_checkpointing: bool = False  # recompute block activations in backward (memory for time)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -111,9 +114,9 @@ class Trainer:
         self.objective.to(self.device)
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         trainable = [p for p in [*model.parameters(), *self.objective.parameters()] if p.requires_grad]
+        # Fused: one kernel per step for all parameters (CPU and CUDA) instead of a loop of foreach ops.
         self.optimizer = torch.optim.AdamW(
-            trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-            fused=self.device.type == "cuda")
+            trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seed, self.step = seed, 0
         self.rank, self.world_size = process_rank()
@@ -130,6 +133,9 @@ class Trainer:
         self.ckpt_dir = Path(run_dir) / "checkpoints"
         self.log, self.progress = log, progress
         self.autocast = autocast_dtype(cfg.precision, self.device)
+        model.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.compile:
+            compile_blocks(model)  # after the EMA copy: the EMA model is never trained
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
@@ -164,6 +170,17 @@ class Trainer:
         self.step = int(state["step"])
 
     # ----------------------------------------------------------------- the loop
+    def _check_finite(self, first_bad_step: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Raise (on every rank together) if some rank saw a non-finite loss or the gradient is not finite."""
+        bad_step = int(max_over_ranks(first_bad_step).item())  # one host sync per check, not per step
+        if bad_step < 0 and math.isfinite(grad_norm.item()):
+            return
+        last = self.ckpt_dir / "last.pt"
+        where = f"at step {bad_step}" if bad_step >= 0 else f"(max |grad| {grad_norm.item()}) at step {self.step - 1}"
+        raise FloatingPointError(
+            f"training loss is not finite {where}; the last good checkpoint is "
+            f"{last if last.exists() else 'none (no checkpoint written yet)'}. Lower train.lr or check the data.")
+
     def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of this rank's share of a batch; leaves the rank-averaged gradients in .grad."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -171,6 +188,14 @@ class Trainer:
             loss, terms = self.loss_module(batch, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        return loss, terms
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step (forward, backward, AdamW, EMA) without host syncs; returns the loss."""
+        loss, terms = self.forward_backward(batch)
+        self.optimizer.step()
+        update_ema(self.ema, self.model, self.cfg.ema_decay)
+        self.step += 1
         return loss, terms
 
     def fit(self) -> dict:
@@ -190,21 +215,20 @@ class Trainer:
                             self.rank, self.world_size)
         batches = torch.utils.data.DataLoader(self.dataset, sampler=order, batch_size=None,
                                               num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+        # Non-finite losses are flagged on the device (no host sync per step) and checked at every
+        # log, checkpoint and interrupt: a checkpoint is never written from non-finite weights.
+        first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         for batch in batches:
-            loss, terms = self.forward_backward(batch)
-            # max |grad| after DDP's averaging: the same on every rank, NaN if any rank's loss was
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-            if not math.isfinite(norm.item()):
-                last = self.ckpt_dir / "last.pt"
-                raise FloatingPointError(
-                    f"training loss is {mean_over_ranks(loss).item()} (max |grad| {norm.item()}) at step "
-                    f"{self.step}; the last good checkpoint is "
-                    f"{last if last.exists() else 'none (no checkpoint written yet)'}. "
-                    f"Lower train.lr or check the data.")
-            self.optimizer.step()
-            update_ema(self.ema, self.model, cfg.ema_decay)
-            self.step += 1
+            loss, terms = self.train_step(batch)
+            bad = ~torch.isfinite(loss.detach())
+            first_bad_step = torch.where(bad & (first_bad_step < 0), self.step - 1, first_bad_step)
             bar.update(1)
+            checkpoint_due = self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps \
+                or self.interrupt is not None
+            if self.step % cfg.log_every == 0 or checkpoint_due:
+                # max |grad| after DDP's averaging: the same on every rank
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+                self._check_finite(first_bad_step, norm)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 last_loss, grad_norm = mean_over_ranks(loss).item(), norm.item()
                 last_terms = {k: mean_over_ranks(v).item() for k, v in terms.items()} if len(terms) > 1 else {}

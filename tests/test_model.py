@@ -99,3 +99,22 @@ def test_impossible_split_is_refused(encoder_depth):
     with pytest.raises(ValueError, match=f"encoder_depth={encoder_depth}"):
         DDT(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, depth=5,
             encoder_depth=encoder_depth, num_classes=10)
+
+
+def test_rope_real_form_under_compile_equals_the_complex_form():
+    from ddt.models.ddt import apply_rope, rope_2d, rope_tables
+
+    rope = rope_tables(rope_2d(16, 4, 4), torch.float32)
+    x = torch.randn(2, 16, 3, 16)
+    eager = apply_rope(x, rope)  # complex multiply
+    compiled = torch.compile(apply_rope, fullgraph=True)(x, rope)  # real arithmetic on cos/sin tables
+    assert (eager - compiled).abs().max() < 1e-6
+    assert not torch.allclose(eager, x)
+
+
+def test_patchify_round_trip_matches_unfold_order():
+    model = build_ddt("quickstart", in_channels=3, patch_size=4, num_classes=10)
+    x = torch.randn(2, 3, 16, 8)
+    patches, _ = model._patches(x)
+    assert torch.equal(patches, torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
+    assert torch.equal(model._unpatchify(patches, x.shape[2:]), x)

@@ -48,8 +48,8 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     assert after < before
 
 
-def trainer(tmp_path, max_steps, model=None):
-    cfg = TrainConfig(max_steps=max_steps, batch_size=8, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1)
+def trainer(tmp_path, max_steps, model=None, **options):
+    cfg = TrainConfig(max_steps=max_steps, batch_size=8, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1, **options)
     return Trainer(model or tiny_model(), tiny_dataset(), cfg, run_dir=tmp_path, seed=3, progress=False)
 
 
@@ -86,5 +86,23 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
     t.cfg.max_steps = 6
     with torch.no_grad():
         t.model.final_layer.linear.bias.fill_(float("nan"))
+    t.cfg.log_every = 10  # the non-finite loss is flagged on the device and caught at the step-4 checkpoint
     with pytest.raises(FloatingPointError, match="at step 2.*last.pt"):
         t.fit()
+    assert torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["step"] == 2  # nothing saved after
+
+
+def test_activation_checkpointing_and_compile_keep_the_training_numbers(tmp_path):
+    """Recomputed activations give the same gradients; compiled blocks the same to float round-off."""
+    runs = {}
+    for name, options in (("eager", {}), ("checkpointing", {"activation_checkpointing": True}),
+                          ("compiled", {"compile": True})):
+        t = trainer(tmp_path / name, 3, **options)
+        stats = t.fit()
+        runs[name] = (stats["final_loss"], t.model.state_dict())
+    eager_loss, eager = runs["eager"]
+    loss, state = runs["checkpointing"]
+    assert loss == eager_loss and all(torch.equal(state[k], eager[k]) for k in eager)
+    loss, state = runs["compiled"]
+    assert set(state) == set(eager)  # compiled in place: checkpoints keep the parameter names
+    assert abs(loss - eager_loss) < 1e-5 and all(torch.allclose(state[k], eager[k], atol=1e-5) for k in eager)

@@ -9,19 +9,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.random_weights import save_random_inception, save_tiny_vae  # noqa: F401 (shared with benchmarks)
+
 TINY_DINOV2 = dict(embed_dim=32, depth=2, num_heads=2)  # timm vit_*_patch14_dinov2 overrides
-
-
-def save_tiny_vae(path: Path) -> Path:
-    """A 4-level (8x downsampling, like SD-VAE) AutoencoderKL of width 8, via save_pretrained."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1, sample_size=32)
-    vae.save_pretrained(path)
-    return path
 
 
 def save_tiny_dinov2(path: Path) -> Path:
@@ -33,23 +23,6 @@ def save_tiny_dinov2(path: Path) -> Path:
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, **TINY_DINOV2)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-def save_random_inception(path: Path) -> Path:
-    """torch-fidelity's Inception-v3 architecture with random weights (the real ones cannot be fetched)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    empty = path.with_suffix(".empty.pth")
-    torch.save({}, empty)
-    load = FeatureExtractorInceptionV3.load_state_dict
-    FeatureExtractorInceptionV3.load_state_dict = lambda self, state_dict: None  # keep the random init
-    try:
-        torch.manual_seed(0)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
-    finally:
-        FeatureExtractorInceptionV3.load_state_dict = load
-    torch.save(model.state_dict(), path)
     return path
 
 

@@ -1,4 +1,4 @@
 """Networks: the DDT, the Improved-SiT baseline and their size presets."""
-from ddt.models.ddt import ARCHS, DDT, DDT_PRESETS, SiT, build_ddt, build_model
+from ddt.models.ddt import ARCHS, DDT, DDT_PRESETS, SiT, build_ddt, build_model, compile_blocks
 
 __all__ = ["ARCHS", "DDT", "DDT_PRESETS", "SiT", "build_ddt", "build_model"]

@@ -1,0 +1,487 @@
+"""Speed and memory of every hot path: training step, sampling, evaluation and data loading.
+
+    python -m benchmarks.run --suite cpu                       # this machine, fp32 (about 15 minutes)
+    python -m benchmarks.run --suite gpu                       # CUDA, bf16 autocast, model FLOP utilisation
+    python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
+    python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
+
+PATH is a copy of github.com/MCG-NJU/DDT's src/models/denoiser/decoupled_improved_dit.py (not shipped
+here). Every measurement runs in a fresh subprocess, so peak memory is its own and compile caches
+and thread pools do not leak between rows. Writes benchmarks/results/run-<suite>.{json,md} and prints
+the tables. Numbers, not assertions: the README's performance section is this output.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+RESULTS = Path(__file__).parent / "results"
+# Dense bf16 tensor-core peak (FLOP/s) of the GPUs we report MFU for, from the vendors' data sheets.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    """Wall seconds of `repeats` calls of fn, each synchronised."""
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated CUDA memory, or this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float = 2.0) -> float:
+    """Best measured FLOP/s of an n×n matrix product (the roofline the utilisation numbers use)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        best = max(best, 2 * n**3 / min(timed(lambda: a @ b, device, 3)))
+    return best
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    out = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "python": platform.python_version()}
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def model_flops(fn) -> int:
+    """FLOPs torch counts for one call of fn (matrix products and attention)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+#################################################################################
+#                        Measurements (one per subprocess)                      #
+#################################################################################
+
+def _model(spec: dict, device: torch.device):
+    from ddt.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("ddt", **spec).to(device)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # a non-zero velocity to integrate
+    return model
+
+
+def _batch(spec: dict, batch_size: int, size: int, device: torch.device) -> dict:
+    """A training batch as the datasets give it: uint8 pixels, or cached VAE moments (latent models)."""
+    g = torch.Generator().manual_seed(0)
+    shape = (batch_size, spec["in_channels"], size, size)
+    labels = torch.randint(0, spec["num_classes"], (batch_size,), generator=g)
+    if spec["in_channels"] == 3:
+        return {"images": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8), "labels": labels}
+    return {"mean": torch.randn(shape, generator=g), "std": torch.rand(shape, generator=g) * 0.1, "labels": labels}
+
+
+def measure_train(p: dict, device: torch.device) -> dict:
+    """Images/s, step time and peak memory of Trainer.train_step (forward, backward, fused AdamW, EMA)."""
+    from ddt.objective import Objective
+    from ddt.train import Trainer, TrainConfig
+
+    model = _model(p["model"], device)
+    objective = Objective(scaling_factor=0.18215 if p["model"]["in_channels"] == 4 else None)
+    cfg = TrainConfig(max_steps=0, batch_size=p["batch_size"], precision=p["precision"], compile=p["compile"],
+                      activation_checkpointing=p.get("activation_checkpointing", False))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, [], cfg, run_dir=tmp, seed=0, objective=objective, progress=False)
+    batch = _batch(p["model"], p["batch_size"], p["size"], device)
+    first = timed(lambda: trainer.train_step(batch), device, 1)[0]  # includes compilation
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = timed(lambda: trainer.train_step(batch), device, p["steps"])
+    step, peak_mb = statistics.median(times), peak_memory_mb(device)
+    eager_flops = model_flops(lambda: trainer.forward_backward(batch)) if not p["compile"] else None
+    return {"step_s": step, "first_step_s": first, "images_per_s": p["batch_size"] / step,
+            "peak_memory_mb": peak_mb, "flops_per_step": eager_flops,
+            "parameters": sum(x.numel() for x in model.parameters())}
+
+
+def measure_official(p: dict, device: torch.device) -> dict:
+    """Forward+backward of the official module and of ours (eager, compiled) on the same weights and input."""
+    from ddt.models import DDT, compile_blocks
+
+    spec = importlib.util.spec_from_file_location("official_ddt", p["official"])
+    official_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official_module)
+    m = p["model"]
+    torch.manual_seed(0)
+    official = official_module.DDT(in_channels=m["in_channels"], num_groups=m["num_heads"], hidden_size=m["hidden_size"],
+                                   num_blocks=m["depth"], num_encoder_blocks=m["encoder_depth"],
+                                   patch_size=m["patch_size"], num_classes=m["num_classes"]).to(device)
+    torch.nn.init.normal_(official.final_layer.linear.weight, std=0.02)
+    ours = DDT(**m).to(device)
+    ours.load_state_dict(official.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(p["batch_size"], m["in_channels"], p["size"], p["size"], generator=g).to(device)
+    t, y = torch.rand(p["batch_size"], generator=g).to(device), torch.randint(0, m["num_classes"], (p["batch_size"],)).to(device)
+    with torch.no_grad():
+        max_diff = (official(x, t, y)[0] - ours(x, t, y)[0]).abs().max().item()
+
+    def step(model):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16"):
+                loss = model(x, t, y)[0].float().square().mean()
+            loss.backward()
+        return run
+
+    flops = model_flops(step(ours))
+    peak = matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
+    out = {"flops": flops, "matmul_peak_flops": peak, "max_abs_diff": max_diff}
+    for name, model in (("official", official), ("ours", ours), ("ours_compiled", compile_blocks(DDT(**m).to(device)))):
+        if name == "ours_compiled":
+            model.load_state_dict(official.state_dict())
+        timed(step(model), device, 2)  # warm-up (and compilation)
+        seconds = min(timed(step(model), device, p["repeats"]))
+        out[name] = {"seconds": seconds, "flops_per_s": flops / seconds, "fraction_of_peak": flops / seconds / peak}
+    return out
+
+
+def measure_sample(p: dict, device: torch.device) -> dict:
+    """Images/s of Euler sampling with CFG (one batched cond/uncond call), without and with encoder sharing."""
+    from benchmarks.sharing import bound, pass_costs
+    from ddt.models import compile_blocks
+    from ddt.sampling import sample, uniform_recompute_steps
+
+    model = compile_blocks(_model(p["model"], device).eval(), p["compile"])
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(p["batch_size"], p["model"]["in_channels"], p["size"], p["size"], generator=g).to(device)
+    labels = torch.arange(p["batch_size"], device=device) % p["model"]["num_classes"]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
+    out = {}
+    for steps in p["num_steps"]:
+        row = {}
+        for name, recompute in (("none", None), ("uniform", uniform_recompute_steps(steps, -(-steps // p["every"])))):
+            def run(num_steps=steps, recompute_steps=recompute):
+                with autocast:
+                    sample(model, noise, labels, num_steps=num_steps, cfg_scale=p["cfg_scale"],
+                           recompute_steps=recompute_steps)
+            run(2, [0])  # warm-up (and compilation): the same encoder and decoder calls, two steps
+            seconds = min(timed(run, device, p["repeats"]))
+            row[name] = {"seconds": seconds, "images_per_s": p["batch_size"] / seconds}
+        row["speedup"] = row["none"]["seconds"] / row["uniform"]["seconds"]
+        out[str(steps)] = row
+    with autocast:  # the FLOP bound of recomputing every `every` steps (guided: 2B rows per pass)
+        costs = pass_costs(model, torch.cat([noise, noise]), torch.cat([labels, labels]))
+    flop_bound = bound(costs["encoder"]["flops"], costs["decoder"]["flops"], p["every"])
+    for row in out.values():
+        row["flop_bound"] = flop_bound
+        row["fraction_of_bound"] = row["speedup"] / flop_bound
+    return out
+
+
+def measure_eval(p: dict, device: torch.device) -> dict:
+    """Inception feature extraction images/s and the wall time of a whole FID/IS computation."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    from benchmarks.random_weights import save_random_inception
+    from ddt.evaluate import calculate_metrics
+
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 256, (p["num_samples"], 3, p["size"], p["size"]), generator=g, dtype=torch.uint8)
+    reference = torch.randint(0, 256, (p["num_samples"], 3, p["size"], p["size"]), generator=g, dtype=torch.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = save_random_inception(Path(tmp) / "inception-random.pth")
+        extractor = create_feature_extractor("inception-v3-compat", ["2048", "logits_unbiased"],
+                                             feature_extractor_weights_path=str(weights),
+                                             cuda=device.type == "cuda", verbose=False)
+        batch = samples[: p["batch_size"]].to(device)
+        with torch.no_grad():
+            extractor(batch)  # warm-up
+            seconds = min(timed(lambda: extractor(batch), device, 3))
+        kwargs = dict(feature_extractor="inception-v3-compat", weights_path=weights, cache_dir=tmp,
+                      prc=False, batch_size=p["batch_size"], verbose=False)
+        start = time.perf_counter()
+        calculate_metrics(samples, reference, reference_name="reference", **kwargs)  # both sides extracted
+        cold = time.perf_counter() - start
+        start = time.perf_counter()
+        calculate_metrics(samples, reference, reference_name="reference", **kwargs)  # reference features cached
+        cached = time.perf_counter() - start
+    return {"fid_seconds_cold": cold, "fid_seconds_cached_reference": cached,
+            "feature_images_per_s": p["batch_size"] / seconds}
+
+
+def measure_data(p: dict, device: torch.device) -> dict:
+    """Latent-cache read images/s through the training DataLoader (StepBatches order, memory-mapped shards)."""
+    from benchmarks.imagenet import write_folder
+    from benchmarks.random_weights import save_tiny_vae
+    from ddt.data.imagenet import ImageFolder
+    from ddt.data.latents import LatentDataset, cache_latents
+    from ddt.data.order import StepBatches
+    from ddt.models.vae import LatentCodec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        codec = LatentCodec.from_pretrained(str(save_tiny_vae(tmp / "vae")))  # 8x down, 4 channels, as SD-VAE
+        folder = ImageFolder(write_folder(tmp / "images", p["images"]), p["image_size"])
+        cache_latents(folder, codec, tmp / "latents", shard_size=p["images"] // 4, batch_size=32, progress=False)
+        dataset = LatentDataset(tmp / "latents")
+        order = StepBatches(0, p["batches"], p["batch_size"], len(dataset), seed=0)
+        loader = torch.utils.data.DataLoader(dataset, sampler=order, batch_size=None, num_workers=p["workers"],
+                                             pin_memory=device.type == "cuda")
+        start = time.perf_counter()
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        sync(device)
+        seconds = time.perf_counter() - start
+    return {"images_per_s": p["batches"] * p["batch_size"] / seconds, "latent_shape": list(dataset.latent_shape)}
+
+
+def measure_peak(p: dict, device: torch.device) -> dict:
+    """Matmul FLOP/s per dtype; size n per dtype (a CPU without bf16 instructions needs a small one)."""
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {name: matmul_peak(device, dtypes[name], n) for name, n in p["n"].items()}
+
+
+MEASURE = {"train": measure_train, "official": measure_official, "sample": measure_sample,
+           "eval": measure_eval, "data": measure_data, "peak": measure_peak}
+
+
+#################################################################################
+#                                     Suites                                    #
+#################################################################################
+
+def _spec(depth: int, hidden_size: int, num_heads: int, encoder_depth: int, *, in_channels: int = 4,
+          patch_size: int = 2, num_classes: int = 1000) -> dict:
+    return dict(in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads,
+                depth=depth, encoder_depth=encoder_depth, num_classes=num_classes)
+
+
+QUICKSTART = _spec(28, 64, 4, 22, in_channels=3, patch_size=4, num_classes=10)  # conf/model/quickstart, 16 px
+QUICKSTART_64_TOKENS = {**QUICKSTART, "patch_size": 2}  # the issue's overhead-bound shape
+S, B, XL = _spec(12, 384, 6, 8), _spec(12, 768, 12, 8), _spec(28, 1152, 16, 22)
+S_10EN2DE = _spec(12, 384, 6, 10)
+TINY = _spec(4, 32, 2, 2, in_channels=3, patch_size=4, num_classes=10)
+
+
+def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps: int, compile_too: bool) -> list[dict]:
+    rows = []
+    for name, spec, size, batch_size in models:
+        for compiled in (False, True) if compile_too else (False,):
+            rows.append(dict(kind="train", name=name, model=spec, size=size, batch_size=batch_size,
+                             precision=precision, compile=compiled, steps=steps))
+    return rows
+
+
+def suite(name: str, official: str | None) -> list[dict]:
+    """The measurements of a suite, in order."""
+    if name == "smoke":
+        rows = [dict(kind="peak", n={"fp32": 256})]
+        rows += _train_rows([("tiny", TINY, 16, 8)], "fp32", 2, compile_too=False)
+        rows += [dict(kind="sample", name="tiny", model=TINY, size=16, batch_size=4, num_steps=[4], every=2,
+                      cfg_scale=2.0, precision="fp32", compile=False, repeats=1),
+                 dict(kind="eval", num_samples=20, size=32, batch_size=10),
+                 dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0)]
+        if official:
+            rows.append(dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
+                             repeats=1, precision="fp32", peak_n=256))
+        return rows
+    if name == "cpu":
+        rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 512})]
+        rows += _train_rows([("quickstart", QUICKSTART, 16, 64), ("DDT-S/2", S, 32, 8), ("DDT-B/2", B, 32, 4)],
+                            "fp32", 5, compile_too=True)
+        rows.append(dict(kind="train", name="DDT-B/2 (activation checkpointing)", model=B, size=32, batch_size=4,
+                         precision="fp32", compile=False, steps=5, activation_checkpointing=True))
+        rows += [dict(kind="sample", name="quickstart", model=QUICKSTART, size=16, batch_size=64, num_steps=[50, 250],
+                      every=4, cfg_scale=2.0, precision="fp32", compile=compiled, repeats=2) for compiled in (False, True)]
+        rows.append(dict(kind="sample", name="10en2de (S width, 64 tokens)", model=S_10EN2DE, size=16, batch_size=8,
+                         num_steps=[50], every=4, cfg_scale=2.0, precision="fp32", compile=False, repeats=2))
+        rows += [dict(kind="eval", num_samples=500, size=64, batch_size=50),
+                 *[dict(kind="data", images=256, image_size=256, batch_size=64, batches=40, workers=w) for w in (0, 2)]]
+        if official:
+            rows += [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S,
+                          size=32, batch_size=8, repeats=3, precision="fp32", peak_n=2048),
+                     dict(kind="official", name="overhead-bound: quickstart width, batch 64, 64 tokens",
+                          official=official, model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=5,
+                          precision="fp32", peak_n=2048)]
+        return rows
+    if name == "gpu":  # most important first: a suite cut short keeps what it measured
+        rows = [dict(kind="peak", n={"fp32": 8192, "bf16": 8192})]
+        rows += _train_rows([("DDT-XL/2", XL, 32, 64)], "bf16", 10, compile_too=True)
+        rows.append(dict(kind="train", name="DDT-XL/2", model=XL, size=32, batch_size=128, precision="bf16",
+                         compile=True, steps=10))
+        if official:
+            rows.append(dict(kind="official", name="DDT-XL/2, batch 64, 4x32x32", official=official, model=XL,
+                             size=32, batch_size=64, repeats=5, precision="bf16", peak_n=8192))
+        rows += [dict(kind="sample", name="DDT-XL/2", model=XL, size=32, batch_size=32, num_steps=[50, 250], every=4,
+                      cfg_scale=2.0, precision="bf16", compile=False, repeats=1),
+                 dict(kind="sample", name="10en2de (S/2)", model=S_10EN2DE, size=32, batch_size=64, num_steps=[50],
+                      every=4, cfg_scale=2.0, precision="bf16", compile=False, repeats=2)]
+        rows += _train_rows([("DDT-S/2", S, 32, 256), ("DDT-B/2", B, 32, 256)], "bf16", 10, compile_too=False)
+        rows += [dict(kind="eval", num_samples=5000, size=256, batch_size=250),
+                 dict(kind="data", images=512, image_size=256, batch_size=256, batches=40, workers=8),
+                 dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
+                      precision="bf16", compile=False, steps=5, activation_checkpointing=True)]
+        return rows
+    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu or gpu")
+
+
+def run_one(params: dict, device: str) -> dict:
+    """One measurement in a fresh interpreter; its JSON result is the last line it prints."""
+    cmd = [sys.executable, "-m", "benchmarks.run", "--device", device, "--one", json.dumps(params)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    if proc.returncode:
+        raise RuntimeError(f"benchmark {params['kind']} {params.get('name', '')} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+#################################################################################
+#                                     Report                                    #
+#################################################################################
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *["| " + " | ".join(str(c) for c in row) + " |" for row in rows], ""]
+
+
+def _tokens(row: dict) -> int:
+    return (row["size"] // row["model"]["patch_size"]) ** 2
+
+
+def report(result: dict) -> str:
+    """The markdown tables of a suite's results."""
+    m, rows = result["machine"], result["rows"]
+    peak = next(r["result"] for r in rows if r["kind"] == "peak")
+    gpu_peak = next((v for k, v in GPU_PEAK_BF16.items() if k in m.get("gpu", "")), None)
+    lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cpu']}, {m['threads']} threads), torch {m['torch']}; "
+             f"measured matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()) + ".", ""]
+    train = [r for r in rows if r["kind"] == "train"]
+    if train:
+        # FLOPs are counted on the eager rows and are linear in the batch: compiled rows use them per image.
+        per_image = {r["name"]: r["result"]["flops_per_step"] / r["batch_size"] for r in train
+                     if r["result"]["flops_per_step"]}
+        body = []
+        for r in train:
+            res = r["result"]
+            f = per_image[r["name"]] * r["batch_size"] if r["name"] in per_image else None
+            ref_peak = peak["bf16" if r["precision"] == "bf16" else "fp32"]
+            mfu = f"{100 * f / res['step_s'] / ref_peak:.0f}%" if f else "-"
+            spec_mfu = f"{100 * f / res['step_s'] / gpu_peak:.0f}%" if f and gpu_peak else "-"
+            body.append([r["name"], r["batch_size"], _tokens(r), r["precision"], "yes" if r["compile"] else "no",
+                         f"{res['step_s']:.3f}", f"{res['images_per_s']:.1f}", f"{res['peak_memory_mb']:.0f}",
+                         f"{f / 1e9:.2f}" if f else "-", mfu, spec_mfu, f"{res['first_step_s']:.1f}"])
+        lines += ["Training step (forward, backward, fused AdamW, EMA; `Trainer.train_step`):", ""]
+        lines += _table(["model", "batch", "tokens", "precision", "compile", "step s", "img/s", "peak MB",
+                         "GFLOP/step", "of matmul peak", "MFU (spec bf16 peak)", "first step s"], body)
+    official = [r for r in rows if r["kind"] == "official"]
+    if official:
+        body = []
+        for r in official:
+            res = r["result"]
+            cell = lambda k: f"{res[k]['seconds']:.3f} s ({100 * res[k]['fraction_of_peak']:.0f}%)"  # noqa: E731
+            body.append([r["name"], r["precision"], f"{res['flops'] / 1e9:.2f}", cell("official"), cell("ours"),
+                         cell("ours_compiled"), f"{res['official']['seconds'] / res['ours']['seconds']:.2f}x",
+                         f"{res['official']['seconds'] / res['ours_compiled']['seconds']:.2f}x",
+                         f"{res['max_abs_diff']:.1e}"])
+        lines += ["Forward+backward against the official module (same weights and input; % of the matmul peak "
+                  "measured in the same process):", ""]
+        lines += _table(["shape", "precision", "GFLOP", "official", "ours", "ours compiled", "speedup",
+                         "speedup compiled", "max abs diff"], body)
+    sampling = [r for r in rows if r["kind"] == "sample"]
+    if sampling:
+        body = [[r["name"], r["batch_size"], steps, r["precision"], "yes" if r["compile"] else "no",
+                 f"{row['none']['images_per_s']:.2f}", f"{row['uniform']['images_per_s']:.2f}",
+                 f"{row['speedup']:.2f}x", f"{row['flop_bound']:.2f}x", f"{row['fraction_of_bound']:.2f}"]
+                for r in sampling for steps, row in r["result"].items()]
+        lines += [f"Euler sampling, CFG {sampling[0]['cfg_scale']} on every step (cond and uncond in one batched "
+                  f"call); sharing = encoder recomputed every {sampling[0]['every']} steps:", ""]
+        lines += _table(["model", "batch", "steps", "precision", "compile", "img/s", "img/s sharing", "speedup",
+                         "FLOP bound", "of bound"], body)
+    for r in (r for r in rows if r["kind"] == "eval"):
+        res = r["result"]
+        lines += [f"Evaluation (torch-fidelity Inception-v3, random weights; {r['num_samples']} samples of "
+                  f"{r['size']} px against as many reference images):", ""]
+        lines += _table(["feature extraction img/s", "FID+IS wall s (both sides extracted)",
+                         "FID+IS wall s (reference features cached)"],
+                        [[f"{res['feature_images_per_s']:.1f}", f"{res['fid_seconds_cold']:.1f}",
+                          f"{res['fid_seconds_cached_reference']:.1f}"]])
+    data = [r for r in rows if r["kind"] == "data"]
+    if data:
+        consumers = [(r["name"], r["result"]["images_per_s"]) for r in train
+                     if r["model"]["in_channels"] == 4 and not r.get("activation_checkpointing")]
+        body = [[r["workers"], r["batch_size"], f"{r['result']['images_per_s']:.0f}", name, f"{ips:.1f}",
+                 f"{r['result']['images_per_s'] / ips:.0f}x"] for r in data for name, ips in consumers or [("-", None)]
+                if ips] or [[r["workers"], r["batch_size"], f"{r['result']['images_per_s']:.0f}", "-", "-", "-"]
+                            for r in data]
+        lines += ["Latent cache reads (memory-mapped shards through the training DataLoader) against what the "
+                  "training step consumes:", ""]
+        lines += _table(["workers", "batch", "read img/s", "training step", "consumes img/s", "read / consumed"], body)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "gpu"])
+    parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
+    parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement (JSON parameters)
+    args = parser.parse_args()
+    device = args.device or ("cuda" if args.suite == "gpu" else "cpu")
+    if args.one:
+        params = json.loads(args.one)
+        print(json.dumps(MEASURE[params["kind"]](params, torch.device(device))))
+        return
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--suite gpu needs a CUDA device; this machine has none (use --suite cpu)")
+    if args.official and not Path(args.official).is_file():
+        raise SystemExit(f"--official {args.official} is not a file: pass a copy of the official "
+                         f"src/models/denoiser/decoupled_improved_dit.py")
+    result = {"suite": args.suite, "device": device, "machine": machine(torch.device(device)),
+              "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]), "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for params in suite(args.suite, args.official and str(Path(args.official).resolve())):
+        start = time.perf_counter()
+        try:
+            result["rows"].append({**params, "result": run_one(params, device)})
+        except RuntimeError as err:  # e.g. out of memory: recorded, the other rows still run
+            result.setdefault("failed", []).append({**params, "error": str(err)[-2000:]})
+        print(f"[{time.perf_counter() - start:6.1f} s] {params['kind']} {params.get('name', '')}", file=sys.stderr)
+        markdown = report(result)
+        for suffix, text in (("json", json.dumps(result, indent=1)), ("md", markdown + "\n")):
+            path = args.out / f"run-{args.suite}.{suffix}"
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # rewritten after every row: an interrupted suite keeps what it measured
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()
