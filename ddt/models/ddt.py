@@ -80,12 +80,6 @@ class LabelEmbedder(nn.Module):
 #                        Attention with qk-norm and 2-D RoPE                    #
 #################################################################################
 
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / RMS(x) over the last dimension, computed in float32 and returned in x's dtype."""
-    x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 (as the official LlamaRMSNorm)."""
 
@@ -95,7 +89,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
 
 
 NORMS, FFNS, POSITIONS = ("rmsnorm", "layernorm"), ("swiglu", "mlp"), ("rope", "sincos")
@@ -308,7 +304,7 @@ class _Transformer(nn.Module):
 
     def positions(self, height: int, width: int, device: torch.device,
                   dtype: torch.dtype = torch.float32) -> Rope | torch.Tensor:
-        """RoPE (cos, sin) tables or the sin-cos embedding (N, D), cached per grid, device and dtype."""
+        """RoPE tables (complex and cos/sin) or the sin-cos embedding (N, D), cached per grid, device and dtype."""
         key = (height, width, device, dtype)
         if key not in self._position_cache:
             if self.pos == "rope":
