@@ -4,6 +4,7 @@
     python -m benchmarks.run --suite gpu                       # CUDA, bf16 autocast, model FLOP utilisation
     python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
     python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
+    python -m benchmarks.run --suite cpu --only sample         # re-run one kind of row, keep the others
 
 PATH is a copy of github.com/MCG-NJU/DDT's src/models/denoiser/decoupled_improved_dit.py (not shipped
 here). Every measurement runs in a fresh subprocess, so peak memory is its own and compile caches
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.flops import count_flops, model_flops
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peak (FLOP/s) of the GPUs we report MFU for, from the vendors' data sheets.
@@ -81,13 +83,6 @@ def machine(device: torch.device) -> dict:
     return out
 
 
-def model_flops(fn) -> int:
-    """FLOPs torch counts for one call of fn (matrix products and attention)."""
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 #################################################################################
 #                        Measurements (one per subprocess)                      #
 #################################################################################
@@ -129,8 +124,9 @@ def measure_train(p: dict, device: torch.device) -> dict:
     times = timed(lambda: trainer.train_step(batch), device, p["steps"])
     step, peak_mb = statistics.median(times), peak_memory_mb(device)
     eager_flops = model_flops(lambda: trainer.forward_backward(batch)) if not p["compile"] else None
+    peak = matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
     return {"step_s": step, "first_step_s": first, "images_per_s": p["batch_size"] / step,
-            "peak_memory_mb": peak_mb, "flops_per_step": eager_flops,
+            "peak_memory_mb": peak_mb, "flops_per_step": eager_flops, "matmul_peak_flops": peak,
             "parameters": sum(x.numel() for x in model.parameters())}
 
 
@@ -162,15 +158,23 @@ def measure_official(p: dict, device: torch.device) -> dict:
             loss.backward()
         return run
 
-    flops = model_flops(step(ours))
+    counted = count_flops(step(ours))
+    flops = counted["total"]
     peak = matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
-    out = {"flops": flops, "matmul_peak_flops": peak, "max_abs_diff": max_diff}
-    for name, model in (("official", official), ("ours", ours), ("ours_compiled", compile_blocks(DDT(**m).to(device)))):
-        if name == "ours_compiled":
-            model.load_state_dict(official.state_dict())
-        timed(step(model), device, 2)  # warm-up (and compilation)
-        seconds = min(timed(step(model), device, p["repeats"]))
-        out[name] = {"seconds": seconds, "flops_per_s": flops / seconds, "fraction_of_peak": flops / seconds / peak}
+    out = {"flops": flops, "attention_flops": counted["attention"], "matmul_peak_flops": peak,
+           "max_abs_diff": max_diff}
+    compiled = compile_blocks(DDT(**m).to(device))
+    compiled.load_state_dict(official.state_dict())
+    runs = {"official": step(official), "ours": step(ours), "ours_compiled": step(compiled)}
+    for run in runs.values():
+        timed(run, device, 2)  # warm-up (and compilation)
+    times = {name: [] for name in runs}
+    for _ in range(p["repeats"]):  # round robin: a drift in machine speed hits all three alike
+        for name, run in runs.items():
+            times[name] += timed(run, device, 1)
+    for name, seconds in times.items():
+        best = min(seconds)
+        out[name] = {"seconds": best, "flops_per_s": flops / best, "fraction_of_peak": flops / best / peak}
     return out
 
 
@@ -186,16 +190,18 @@ def measure_sample(p: dict, device: torch.device) -> dict:
     labels = torch.arange(p["batch_size"], device=device) % p["model"]["num_classes"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
     out = {}
+    def run(num_steps: int, recompute_steps: list[int] | None) -> None:
+        with autocast:
+            sample(model, noise, labels, num_steps=num_steps, cfg_scale=p["cfg_scale"], recompute_steps=recompute_steps)
+
+    run(2, [0])  # warm-up (and compilation): the same encoder and decoder calls, two steps
     for steps in p["num_steps"]:
-        row = {}
-        for name, recompute in (("none", None), ("uniform", uniform_recompute_steps(steps, -(-steps // p["every"])))):
-            def run(num_steps=steps, recompute_steps=recompute):
-                with autocast:
-                    sample(model, noise, labels, num_steps=num_steps, cfg_scale=p["cfg_scale"],
-                           recompute_steps=recompute_steps)
-            run(2, [0])  # warm-up (and compilation): the same encoder and decoder calls, two steps
-            seconds = min(timed(run, device, p["repeats"]))
-            row[name] = {"seconds": seconds, "images_per_s": p["batch_size"] / seconds}
+        schedules = {"none": None, "uniform": uniform_recompute_steps(steps, -(-steps // p["every"]))}
+        times = {name: [] for name in schedules}
+        for _ in range(p["repeats"]):  # round robin: a drift in machine speed hits both alike
+            for name, recompute in schedules.items():
+                times[name] += timed(lambda: run(steps, recompute), device, 1)
+        row = {name: {"seconds": min(t), "images_per_s": p["batch_size"] / min(t)} for name, t in times.items()}
         row["speedup"] = row["none"]["seconds"] / row["uniform"]["seconds"]
         out[str(steps)] = row
     with autocast:  # the FLOP bound of recomputing every `every` steps (guided: 2B rows per pass)
@@ -291,12 +297,13 @@ S_10EN2DE = _spec(12, 384, 6, 10)
 TINY = _spec(4, 32, 2, 2, in_channels=3, patch_size=4, num_classes=10)
 
 
-def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps: int, compile_too: bool) -> list[dict]:
+def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps: int, compile_too: bool,
+                peak_n: int) -> list[dict]:
     rows = []
     for name, spec, size, batch_size in models:
         for compiled in (False, True) if compile_too else (False,):
             rows.append(dict(kind="train", name=name, model=spec, size=size, batch_size=batch_size,
-                             precision=precision, compile=compiled, steps=steps))
+                             precision=precision, compile=compiled, steps=steps, peak_n=peak_n))
     return rows
 
 
@@ -304,7 +311,7 @@ def suite(name: str, official: str | None) -> list[dict]:
     """The measurements of a suite, in order."""
     if name == "smoke":
         rows = [dict(kind="peak", n={"fp32": 256})]
-        rows += _train_rows([("tiny", TINY, 16, 8)], "fp32", 2, compile_too=False)
+        rows += _train_rows([("tiny", TINY, 16, 8)], "fp32", 2, compile_too=False, peak_n=256)
         rows += [dict(kind="sample", name="tiny", model=TINY, size=16, batch_size=4, num_steps=[4], every=2,
                       cfg_scale=2.0, precision="fp32", compile=False, repeats=1),
                  dict(kind="eval", num_samples=20, size=32, batch_size=10),
@@ -316,9 +323,9 @@ def suite(name: str, official: str | None) -> list[dict]:
     if name == "cpu":
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 512})]
         rows += _train_rows([("quickstart", QUICKSTART, 16, 64), ("DDT-S/2", S, 32, 8), ("DDT-B/2", B, 32, 4)],
-                            "fp32", 5, compile_too=True)
+                            "fp32", 5, compile_too=True, peak_n=2048)
         rows.append(dict(kind="train", name="DDT-B/2 (activation checkpointing)", model=B, size=32, batch_size=4,
-                         precision="fp32", compile=False, steps=5, activation_checkpointing=True))
+                         precision="fp32", compile=False, steps=5, activation_checkpointing=True, peak_n=2048))
         rows += [dict(kind="sample", name="quickstart", model=QUICKSTART, size=16, batch_size=64, num_steps=[50, 250],
                       every=4, cfg_scale=2.0, precision="fp32", compile=compiled, repeats=2) for compiled in (False, True)]
         rows.append(dict(kind="sample", name="10en2de (S width, 64 tokens)", model=S_10EN2DE, size=16, batch_size=8,
@@ -327,16 +334,16 @@ def suite(name: str, official: str | None) -> list[dict]:
                  *[dict(kind="data", images=256, image_size=256, batch_size=64, batches=40, workers=w) for w in (0, 2)]]
         if official:
             rows += [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S,
-                          size=32, batch_size=8, repeats=3, precision="fp32", peak_n=2048),
+                          size=32, batch_size=8, repeats=5, precision="fp32", peak_n=2048),
                      dict(kind="official", name="overhead-bound: quickstart width, batch 64, 64 tokens",
-                          official=official, model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=5,
+                          official=official, model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=10,
                           precision="fp32", peak_n=2048)]
         return rows
     if name == "gpu":  # most important first: a suite cut short keeps what it measured
         rows = [dict(kind="peak", n={"fp32": 8192, "bf16": 8192})]
-        rows += _train_rows([("DDT-XL/2", XL, 32, 64)], "bf16", 10, compile_too=True)
+        rows += _train_rows([("DDT-XL/2", XL, 32, 64)], "bf16", 10, compile_too=True, peak_n=8192)
         rows.append(dict(kind="train", name="DDT-XL/2", model=XL, size=32, batch_size=128, precision="bf16",
-                         compile=True, steps=10))
+                         compile=True, steps=10, peak_n=8192))
         if official:
             rows.append(dict(kind="official", name="DDT-XL/2, batch 64, 4x32x32", official=official, model=XL,
                              size=32, batch_size=64, repeats=5, precision="bf16", peak_n=8192))
@@ -344,11 +351,12 @@ def suite(name: str, official: str | None) -> list[dict]:
                       cfg_scale=2.0, precision="bf16", compile=False, repeats=1),
                  dict(kind="sample", name="10en2de (S/2)", model=S_10EN2DE, size=32, batch_size=64, num_steps=[50],
                       every=4, cfg_scale=2.0, precision="bf16", compile=False, repeats=2)]
-        rows += _train_rows([("DDT-S/2", S, 32, 256), ("DDT-B/2", B, 32, 256)], "bf16", 10, compile_too=False)
+        rows += _train_rows([("DDT-S/2", S, 32, 256), ("DDT-B/2", B, 32, 256)], "bf16", 10, compile_too=False,
+                            peak_n=8192)
         rows += [dict(kind="eval", num_samples=5000, size=256, batch_size=250),
                  dict(kind="data", images=512, image_size=256, batch_size=256, batches=40, workers=8),
                  dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
-                      precision="bf16", compile=False, steps=5, activation_checkpointing=True)]
+                      precision="bf16", compile=False, steps=5, activation_checkpointing=True, peak_n=8192)]
         return rows
     raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu or gpu")
 
@@ -381,7 +389,8 @@ def report(result: dict) -> str:
     peak = next(r["result"] for r in rows if r["kind"] == "peak")
     gpu_peak = next((v for k, v in GPU_PEAK_BF16.items() if k in m.get("gpu", "")), None)
     lines = [f"Machine: {m.get('gpu', m['cpu'])} ({m['cpu']}, {m['threads']} threads), torch {m['torch']}; "
-             f"measured matmul peak " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()) + ".", ""]
+             f"matmul peak measured first " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items())
+             + " (training and official rows divide by the peak measured in their own process).", ""]
     train = [r for r in rows if r["kind"] == "train"]
     if train:
         # FLOPs are counted on the eager rows and are linear in the batch: compiled rows use them per image.
@@ -391,7 +400,8 @@ def report(result: dict) -> str:
         for r in train:
             res = r["result"]
             f = per_image[r["name"]] * r["batch_size"] if r["name"] in per_image else None
-            ref_peak = peak["bf16" if r["precision"] == "bf16" else "fp32"]
+            # the peak measured in the row's own process (machine speed drifts); older results: the suite's
+            ref_peak = res.get("matmul_peak_flops", peak["bf16" if r["precision"] == "bf16" else "fp32"])
             mfu = f"{100 * f / res['step_s'] / ref_peak:.0f}%" if f else "-"
             spec_mfu = f"{100 * f / res['step_s'] / gpu_peak:.0f}%" if f and gpu_peak else "-"
             body.append([r["name"], r["batch_size"], _tokens(r), r["precision"], "yes" if r["compile"] else "no",
@@ -405,14 +415,25 @@ def report(result: dict) -> str:
         body = []
         for r in official:
             res = r["result"]
-            cell = lambda k: f"{res[k]['seconds']:.3f} s ({100 * res[k]['fraction_of_peak']:.0f}%)"  # noqa: E731
-            body.append([r["name"], r["precision"], f"{res['flops'] / 1e9:.2f}", cell("official"), cell("ours"),
+            # % of peak with attention counted, then without it (how torch's counter alone counts on CPU);
+            # results from before the attention count was recorded give the first only
+            attention = res.get("attention_flops")
+
+            def cell(name: str) -> str:
+                share = res[name]["fraction_of_peak"]
+                text = f"{res[name]['seconds']:.3f} s ({100 * share:.0f}%"
+                if attention is not None:
+                    text += f" / {100 * (1 - attention / res['flops']) * share:.0f}%"
+                return text + ")"
+            gflop = f"{res['flops'] / 1e9:.2f}" + (f" ({attention / 1e9:.2f})" if attention is not None else "")
+            body.append([r["name"], r["precision"], gflop, cell("official"), cell("ours"),
                          cell("ours_compiled"), f"{res['official']['seconds'] / res['ours']['seconds']:.2f}x",
                          f"{res['official']['seconds'] / res['ours_compiled']['seconds']:.2f}x",
                          f"{res['max_abs_diff']:.1e}"])
-        lines += ["Forward+backward against the official module (same weights and input; % of the matmul peak "
-                  "measured in the same process):", ""]
-        lines += _table(["shape", "precision", "GFLOP", "official", "ours", "ours compiled", "speedup",
+        lines += ["Forward+backward against the official module (same weights and input, timed round robin; % of "
+                  "the matmul peak measured in the same process, counting all FLOPs / only the matrix products "
+                  "outside attention):", ""]
+        lines += _table(["shape", "precision", "GFLOP (attention)", "official", "ours", "ours compiled", "speedup",
                          "speedup compiled", "max abs diff"], body)
     sampling = [r for r in rows if r["kind"] == "sample"]
     if sampling:
@@ -452,6 +473,8 @@ def main() -> None:
     parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
     parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", choices=sorted(MEASURE), help="run only these rows and replace them in the "
+                        "suite's existing results (the other rows are kept)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement (JSON parameters)
     args = parser.parse_args()
     device = args.device or ("cuda" if args.suite == "gpu" else "cpu")
@@ -467,7 +490,18 @@ def main() -> None:
     result = {"suite": args.suite, "device": device, "machine": machine(torch.device(device)),
               "command": " ".join(["python -m benchmarks.run", *sys.argv[1:]]), "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
-    for params in suite(args.suite, args.official and str(Path(args.official).resolve())):
+    rows = suite(args.suite, args.official and str(Path(args.official).resolve()))
+    if args.only:
+        previous = args.out / f"run-{args.suite}.json"
+        if not previous.is_file():
+            raise SystemExit(f"--only {args.only}: {previous} does not exist; run the whole suite first")
+        kept = json.loads(previous.read_text())
+        result["rows"] = [r for r in kept["rows"] if r["kind"] != args.only]
+        result["failed"] = [r for r in kept.get("failed", []) if r["kind"] != args.only] or None
+        result = {k: v for k, v in result.items() if v is not None}
+        result["command"] = f"{kept['command']}; then {result['command']}"
+        rows = [r for r in rows if r["kind"] == args.only]
+    for params in rows:
         start = time.perf_counter()
         try:
             result["rows"].append({**params, "result": run_one(params, device)})

@@ -22,7 +22,7 @@ from ddt.models import DDT, build_model
 from ddt.sampling import SamplingStats, sample, statistical_schedule, uniform_recompute_steps
 
 
-def build_model(args) -> DDT:
+def load_model(args) -> DDT:
     if args.ckpt:
         state = checkpoint.load(args.ckpt)
         model = build_model(**state["signature"])
@@ -37,8 +37,8 @@ def build_model(args) -> DDT:
 
 @torch.no_grad()
 def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int = 5) -> dict:
-    """FLOPs (torch's counter) and best wall time of one encoder pass and one decoder pass."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs (torch's counter, attention included) and best wall time of one encoder pass and one decoder pass."""
+    from benchmarks.flops import flop_counter
 
     t = torch.full((len(x),), 0.5, device=x.device)
     encode = lambda: model.self_condition(model.encoder_output(x, t, labels), t)  # noqa: E731
@@ -46,7 +46,7 @@ def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int =
     decode = lambda: model(x, t, labels, s)  # noqa: E731
     out = {}
     for name, fn in (("encoder", encode), ("decoder", decode)):
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             fn()
         best = float("inf")
         for _ in range(repeats):
@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sharing"))
     args = parser.parse_args()
 
-    model = build_model(args)
+    model = load_model(args)
     g = torch.Generator().manual_seed(0)
     size = args.image_size
     noise = torch.randn(args.batch, model.in_channels, size, size, generator=g)
