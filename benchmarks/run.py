@@ -52,6 +52,15 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
+def best_round_robin(runs: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Best wall seconds of each fn in runs, called in turn `repeats` times (a speed drift hits all alike)."""
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name] += timed(fn, device, 1)
+    return {name: min(seconds) for name, seconds in times.items()}
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or this process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -168,12 +177,7 @@ def measure_official(p: dict, device: torch.device) -> dict:
     runs = {"official": step(official), "ours": step(ours), "ours_compiled": step(compiled)}
     for run in runs.values():
         timed(run, device, 2)  # warm-up (and compilation)
-    times = {name: [] for name in runs}
-    for _ in range(p["repeats"]):  # round robin: a drift in machine speed hits all three alike
-        for name, run in runs.items():
-            times[name] += timed(run, device, 1)
-    for name, seconds in times.items():
-        best = min(seconds)
+    for name, best in best_round_robin(runs, device, p["repeats"]).items():
         out[name] = {"seconds": best, "flops_per_s": flops / best, "fraction_of_peak": flops / best / peak}
     return out
 
@@ -189,19 +193,18 @@ def measure_sample(p: dict, device: torch.device) -> dict:
     noise = torch.randn(p["batch_size"], p["model"]["in_channels"], p["size"], p["size"], generator=g).to(device)
     labels = torch.arange(p["batch_size"], device=device) % p["model"]["num_classes"]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
-    out = {}
+
     def run(num_steps: int, recompute_steps: list[int] | None) -> None:
         with autocast:
             sample(model, noise, labels, num_steps=num_steps, cfg_scale=p["cfg_scale"], recompute_steps=recompute_steps)
 
     run(2, [0])  # warm-up (and compilation): the same encoder and decoder calls, two steps
+    out = {}
     for steps in p["num_steps"]:
-        schedules = {"none": None, "uniform": uniform_recompute_steps(steps, -(-steps // p["every"]))}
-        times = {name: [] for name in schedules}
-        for _ in range(p["repeats"]):  # round robin: a drift in machine speed hits both alike
-            for name, recompute in schedules.items():
-                times[name] += timed(lambda: run(steps, recompute), device, 1)
-        row = {name: {"seconds": min(t), "images_per_s": p["batch_size"] / min(t)} for name, t in times.items()}
+        recompute = uniform_recompute_steps(steps, -(-steps // p["every"]))
+        best = best_round_robin({"none": lambda: run(steps, None), "uniform": lambda: run(steps, recompute)},
+                                device, p["repeats"])
+        row = {name: {"seconds": t, "images_per_s": p["batch_size"] / t} for name, t in best.items()}
         row["speedup"] = row["none"]["seconds"] / row["uniform"]["seconds"]
         out[str(steps)] = row
     with autocast:  # the FLOP bound of recomputing every `every` steps (guided: 2B rows per pass)
