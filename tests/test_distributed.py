@@ -25,28 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_trainer(run_dir: Path, tiny_dinov2: str | None) -> Trainer:
+def make_trainer(run_dir: Path, tiny_dinov2: str | None, compile: bool = False) -> Trainer:
     from test_repa import batch, repa_objective, tiny_model
     from ddt.data.pixels import ImageTensors
 
     images = batch(n=24)
     dataset = ImageTensors(images["images"], images["labels"])
     objective = repa_objective(tiny_dinov2) if tiny_dinov2 else None
-    cfg = TrainConfig(max_steps=4, batch_size=GLOBAL_BATCH, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1)
+    cfg = TrainConfig(max_steps=4, batch_size=GLOBAL_BATCH, lr=1e-3, ema_decay=0.9, ckpt_every=2, log_every=1,
+                      compile=compile)
     return Trainer(tiny_model(), dataset, cfg, run_dir=run_dir, seed=SEED, objective=objective, progress=False)
 
 
-def _worker(rank: int, world_size: int, port: int, out: str, tiny_dinov2: str | None) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, tiny_dinov2: str | None, compile: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     distributed.setup(torch.device("cpu"))
     try:
-        trainer = make_trainer(Path(out), tiny_dinov2)
+        trainer = make_trainer(Path(out), tiny_dinov2, compile)
         rows = batch_indices(0, GLOBAL_BATCH, len(trainer.dataset), SEED, rank, world_size)
         loss, terms = trainer.forward_backward(trainer.dataset[rows])
         params = [*trainer.model.named_parameters(), *trainer.objective.named_parameters(prefix="objective")]
         first = {"loss": distributed.mean_over_ranks(loss), "rows": len(rows),
+                 "compiled": trainer.model.blocks[0]._compiled_call_impl is not None,
                  "terms": {k: distributed.mean_over_ranks(v) for k, v in terms.items()},
                  "grads": {n: p.grad.clone() for n, p in params if p.grad is not None}}
         torch.save(first, Path(out) / f"step0_rank{rank}.pt")
@@ -55,10 +57,10 @@ def _worker(rank: int, world_size: int, port: int, out: str, tiny_dinov2: str | 
         distributed.teardown()
 
 
-def train(tmp_path: Path, world_size: int, tiny_dinov2: str | None) -> Path:
-    out = tmp_path / f"world{world_size}"
+def train(tmp_path: Path, world_size: int, tiny_dinov2: str | None, compile: bool = False) -> Path:
+    out = tmp_path / f"world{world_size}{'_compiled' if compile else ''}"
     out.mkdir()
-    mp.spawn(_worker, args=(world_size, free_port(), str(out), tiny_dinov2), nprocs=world_size)
+    mp.spawn(_worker, args=(world_size, free_port(), str(out), tiny_dinov2, compile), nprocs=world_size)
     return out
 
 
@@ -84,6 +86,27 @@ def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(tmp_path, tin
     for part in ("model", "ema", "objective"):
         for k, v in last_one[part].items():
             torch.testing.assert_close(last_two[part][k], v, rtol=1e-4, atol=1e-5, msg=f"{part}.{k}")
+
+
+@pytest.mark.slow  # two ranks compile the blocks side by side on 2 cores (about a minute cold)
+def test_two_gloo_ranks_with_compiled_blocks_match_one_eager_process(tmp_path):
+    """train.compile=true under DistributedDataParallel: the averaged gradient and the trained weights."""
+    one, two = train(tmp_path, 1, None), train(tmp_path, 2, None, compile=True)
+    ref, a, b = (torch.load(p, weights_only=True) for p in
+                 (one / "step0_rank0.pt", two / "step0_rank0.pt", two / "step0_rank1.pt"))
+    assert a["compiled"] and b["compiled"] and not ref["compiled"]
+    torch.testing.assert_close(a["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert set(a["grads"]) == set(ref["grads"])
+    for name, grad in ref["grads"].items():  # compiled kernels: equal up to float round-off
+        torch.testing.assert_close(a["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        assert torch.equal(a["grads"][name], b["grads"][name]), name
+    last_one = torch.load(one / "checkpoints" / "last.pt", weights_only=True)
+    last_two = torch.load(two / "checkpoints" / "last.pt", weights_only=True)
+    assert last_one["step"] == last_two["step"] == 4
+    for part in ("model", "ema"):  # names unchanged by the in-place compile
+        assert set(last_two[part]) == set(last_one[part])
+        for k, v in last_one[part].items():
+            torch.testing.assert_close(last_two[part][k], v, rtol=1e-3, atol=1e-4, msg=f"{part}.{k}")
 
 
 def test_batch_not_divisible_by_ranks_is_refused():
