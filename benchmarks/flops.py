@@ -27,14 +27,9 @@ CPU_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attentio
                  aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
 
 
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter (matrix products, attention), with formulas for the CPU attention kernels."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
-
-
 def count_flops(fn: Callable[[], object]) -> dict[str, int]:
     """FLOPs of one call of fn: `total` (matrix products and attention) and the `attention` part."""
-    with flop_counter() as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
         fn()
     counts = counter.get_flop_counts()["Global"]
     attention = sum(v for op, v in counts.items() if "attention" in str(op))

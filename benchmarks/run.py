@@ -61,6 +61,11 @@ def best_round_robin(runs: dict, device: torch.device, repeats: int) -> dict[str
     return {name: min(seconds) for name, seconds in times.items()}
 
 
+def row_peak(p: dict, device: torch.device) -> float:
+    """The matmul peak (FLOP/s) at the row's precision, measured in the row's own process (speed drifts)."""
+    return matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated CUDA memory, or this process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -133,7 +138,7 @@ def measure_train(p: dict, device: torch.device) -> dict:
     times = timed(lambda: trainer.train_step(batch), device, p["steps"])
     step, peak_mb = statistics.median(times), peak_memory_mb(device)
     eager_flops = model_flops(lambda: trainer.forward_backward(batch)) if not p["compile"] else None
-    peak = matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
+    peak = row_peak(p, device)
     return {"step_s": step, "first_step_s": first, "images_per_s": p["batch_size"] / step,
             "peak_memory_mb": peak_mb, "flops_per_step": eager_flops, "matmul_peak_flops": peak,
             "parameters": sum(x.numel() for x in model.parameters())}
@@ -169,7 +174,7 @@ def measure_official(p: dict, device: torch.device) -> dict:
 
     counted = count_flops(step(ours))
     flops = counted["total"]
-    peak = matmul_peak(device, torch.bfloat16 if p["precision"] == "bf16" else torch.float32, p["peak_n"])
+    peak = row_peak(p, device)
     out = {"flops": flops, "attention_flops": counted["attention"], "matmul_peak_flops": peak,
            "max_abs_diff": max_diff}
     compiled = compile_blocks(DDT(**m).to(device))

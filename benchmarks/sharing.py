@@ -38,7 +38,7 @@ def load_model(args) -> DDT:
 @torch.no_grad()
 def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int = 5) -> dict:
     """FLOPs (torch's counter, attention included) and best wall time of one encoder pass and one decoder pass."""
-    from benchmarks.flops import flop_counter
+    from benchmarks.flops import model_flops
 
     t = torch.full((len(x),), 0.5, device=x.device)
     encode = lambda: model.self_condition(model.encoder_output(x, t, labels), t)  # noqa: E731
@@ -46,14 +46,13 @@ def pass_costs(model: DDT, x: torch.Tensor, labels: torch.Tensor, repeats: int =
     decode = lambda: model(x, t, labels, s)  # noqa: E731
     out = {}
     for name, fn in (("encoder", encode), ("decoder", decode)):
-        with flop_counter() as counter:
-            fn()
+        flops = model_flops(fn)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - start)
-        out[name] = {"flops": counter.get_total_flops(), "seconds": best}
+        out[name] = {"flops": flops, "seconds": best}
     return out
 
 
