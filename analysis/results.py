@@ -1,49 +1,67 @@
 """Every run of one or more sweeps as one pandas DataFrame, from run folders or from W&B.
 
-    from analysis.results import load_runs, load_wandb
+    from analysis.results import load_runs, load_curves, load_wandb, aggregate
     df = load_runs("runs/quickstart")                                  # results.json of each run
     df = load_wandb("entity/ddt-ablations", group="quickstart-20261125-212801")   # wandb.Api()
+    curves = load_curves("runs/quickstart")                            # one row per (run, curve point)
+    agg = aggregate(df)                                                # mean / std / ci95 over seeds
 
-Both give the same columns: the resolved config flattened to dotted keys (`model.encoder_depth`,
-`sampler.sharing`, ...), the headline numbers of `ddt.tracking.summary_row` (`fid`, `isc_mean`,
-`precision`, `recall`, `step`, `train.*`, `sample.*`), and `run` / `group`.
+Both run loaders give the same columns: the resolved config flattened to dotted keys
+(`model.encoder_depth`, `sampler.sharing`, ...), the headline numbers of `ddt.tracking.summary_row`
+(`fid`, `isc_mean`, `kid_mean`, `precision`, `recall`, `step`, `config_id`, `train.*`, `sample.*`),
+and `run` / `group`. The curve loaders (`load_curves`, `wandb_curves`, `load_wandb_curves`) give the
+config columns and run names, then one row per evaluation point: `step`, the metrics, `num_samples`,
+`wall_time_s`, `final`. A results.json without a "curve" (written before curves existed) counts as
+one point, its final metrics at its step. `aggregate` and `separated` live in analysis.stats.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pandas as pd
 
-from ddt.tracking import flatten, summary_row
+from analysis.stats import aggregate, separated, sort_by_setting  # noqa: F401  (the loaders' companions)
+from ddt.tracking import METRICS, flatten, summary_row
+
+CURVE_FIELDS = ("step", *METRICS, "num_samples", "wall_time_s", "final")
 
 
 def run_row(results: dict) -> dict:
     """One DataFrame row of a results.json."""
     row = flatten(results.get("config") or {})
     row.update(summary_row(results))
-    row["run"] = Path(results.get("run_dir", "")).name
-    row["run_dir"] = results.get("run_dir")
-    row["model.parameters"] = (results.get("model") or {}).get("parameters")
+    row.update(_run_names(results))
     return row
+
+
+def curve_rows(results: dict) -> list[dict]:
+    """The DataFrame rows of a results.json's curve points (its final metrics alone if it has no curve)."""
+    points = results.get("curve")
+    if points is None:
+        metrics, step = results.get("metrics"), summary_row(results)["step"]
+        if not metrics:
+            return []
+        num_samples = (results.get("evaluate") or {}).get("num_samples")
+        points = [{**metrics, "step": step, "num_samples": num_samples, "final": True}]
+    setting = flatten(results.get("config") or {})
+    setting.update({"status": results.get("status"), "config_id": results.get("config_id")})
+    setting.update(_run_names(results))
+    return [_curve_row(setting, point) for point in _ordered_curve(points)]
 
 
 def load_runs(*sweep_dirs: str | Path, completed_only: bool = True) -> pd.DataFrame:
     """The runs (results.json files) under the given sweep or run folders."""
-    rows = []
-    for sweep in sweep_dirs:
-        sweep = Path(sweep)
-        if not sweep.exists():
-            raise FileNotFoundError(f"sweep folder {sweep} does not exist")
-        for path in sorted(sweep.rglob("results.json")):
-            results = json.loads(path.read_text())
-            if completed_only and results.get("status") != "completed":
-                continue
-            row = run_row({"run_dir": str(path.parent), **results})
-            row["group"] = sweep.name
-            rows.append(row)
-    return _frame(rows)
+    rows = [{**run_row(results), "group": group} for group, results in _results(sweep_dirs, completed_only)]
+    return sort_by_setting(pd.DataFrame(rows))
+
+
+def load_curves(*sweep_dirs: str | Path, completed_only: bool = True) -> pd.DataFrame:
+    """The curve points of the runs under the given sweep or run folders, one row per (run, step)."""
+    rows = [{**row, "group": group} for group, results in _results(sweep_dirs, completed_only)
+            for row in curve_rows(results)]
+    return sort_by_setting(pd.DataFrame(rows))
 
 
 def wandb_rows(runs: Iterable) -> pd.DataFrame:
@@ -51,26 +69,102 @@ def wandb_rows(runs: Iterable) -> pd.DataFrame:
     rows = []
     for run in runs:
         summary = dict(run.summary)
-        row = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+        row = _wandb_setting(run)
         row.update({k: v for k, v in summary.items() if not k.startswith("_") and "/" not in k})
-        row["run"], row["group"], row["wandb_id"] = run.name, run.group, run.id
+        row.update(_wandb_names(run))
         rows.append(row)
-    return _frame(rows)
+    return sort_by_setting(pd.DataFrame(rows))
+
+
+def wandb_curves(runs: Iterable) -> pd.DataFrame:
+    """Curve points of W&B runs from their history (`eval/step` -> step, `eval/<metric>` -> metric)."""
+    rows = []
+    for run in runs:
+        setting = {**_wandb_setting(run), "status": dict(run.summary).get("status"), **_wandb_names(run)}
+        rows += [_curve_row(setting, point) for point in _eval_history(run)]
+    return sort_by_setting(pd.DataFrame(rows))
 
 
 def load_wandb(path: str, group: str | None = None, filters: dict | None = None,
                completed_only: bool = True) -> pd.DataFrame:
     """Runs of a W&B project `entity/project` (optionally one group and extra Mongo-style filters)."""
+    return _completed(wandb_rows(_api_runs(path, group, filters)), completed_only)
+
+
+def load_wandb_curves(path: str, group: str | None = None, filters: dict | None = None,
+                      completed_only: bool = True) -> pd.DataFrame:
+    """Curve points of the runs of a W&B project (optionally one group), as load_curves gives them."""
+    return _completed(wandb_curves(_api_runs(path, group, filters)), completed_only)
+
+
+def curves_of(curves: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """The curve points of the given runs (e.g. after a query on run columns that curve rows lack)."""
+    key = "run_dir" if "run_dir" in runs and runs["run_dir"].notna().all() else "wandb_id"
+    return curves[curves[key].isin(runs[key])] if len(curves) and key in curves and key in runs else curves
+
+
+# The `eval/*` fields read from W&B history; each is read on its own because wandb.Api's
+# history(keys=...) keeps only the rows holding every key asked for, and a point may lack some.
+WANDB_EVAL_FIELDS = (*METRICS, "num_samples")
+
+
+def _eval_history(run) -> list[dict]:
+    """The run's logged evaluation points, ordered by step."""
+    points: dict[int, dict] = {}
+    for field in WANDB_EVAL_FIELDS:
+        key = f"eval/{field}"
+        frame = run.history(keys=["eval/step", key])
+        if not isinstance(frame, pd.DataFrame) or key not in frame or "eval/step" not in frame:
+            continue
+        for step, value in frame.dropna(subset=["eval/step", key])[["eval/step", key]].itertuples(index=False):
+            points.setdefault(int(step), {"step": int(step)})[field] = value
+    return _ordered_curve(points.values())
+
+
+def _ordered_curve(points: Iterable[dict]) -> list[dict]:
+    """Curve points ordered by step, the last record of a step kept (a resumed run may log it twice);
+    a point that does not say whether it is the final one is final when it is the last."""
+    ordered = sorted({point["step"]: point for point in points}.values(), key=lambda point: point["step"])
+    return [{"final": i == len(ordered) - 1, **point} for i, point in enumerate(ordered)]
+
+
+def _curve_row(setting: dict, point: dict) -> dict:
+    return {**setting, **dict.fromkeys(CURVE_FIELDS), **point}  # every curve field a column, missing = NaN
+
+
+def _run_names(results: dict) -> dict:
+    return {"run": Path(results.get("run_dir", "")).name, "run_dir": results.get("run_dir"),
+            "model.parameters": (results.get("model") or {}).get("parameters")}
+
+
+def _wandb_setting(run) -> dict:
+    return {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+
+
+def _wandb_names(run) -> dict:
+    return {"run": run.name, "group": run.group, "wandb_id": run.id}
+
+
+def _results(sweep_dirs: Iterable[str | Path], completed_only: bool) -> Iterator[tuple[str, dict]]:
+    """(sweep name, results.json with its run_dir) of every run under the given folders."""
+    for sweep in map(Path, sweep_dirs):
+        if not sweep.exists():
+            raise FileNotFoundError(f"sweep folder {sweep} does not exist")
+        for path in sorted(sweep.rglob("results.json")):
+            results = json.loads(path.read_text())
+            if completed_only and results.get("status") != "completed":
+                continue
+            yield sweep.name, {"run_dir": str(path.parent), **results}
+
+
+def _api_runs(path: str, group: str | None, filters: dict | None):
     import wandb
 
     query = dict(filters or {})
     if group:
         query["group"] = group
-    frame = wandb_rows(wandb.Api().runs(path, filters=query))
+    return wandb.Api().runs(path, filters=query)
+
+
+def _completed(frame: pd.DataFrame, completed_only: bool) -> pd.DataFrame:
     return frame[frame["status"] == "completed"] if completed_only and "status" in frame else frame
-
-
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    frame = pd.DataFrame(rows)
-    sort = [c for c in ("model.preset", "model.encoder_depth", "sampler.sharing", "sampler.num_recompute") if c in frame]
-    return frame.sort_values(sort, kind="stable").reset_index(drop=True) if sort and len(frame) else frame

@@ -16,8 +16,9 @@ from ddt.data.digits import load_digits
 from ddt.data.imagenet import FolderImages, ImageFolder, ImageFolderBatches
 from ddt.data.latents import LatentDataset
 from ddt.data.pixels import ImageTensors
-from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, ensure_digits_classifier,
-                          inception_weights_path)
+from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, inception_weights_path)
+from ddt.checkpoint import load
+from ddt.models.digits_classifier import file_sha256, shipped_weights
 from ddt.models.repa import RepaLoss, TargetEncoder
 from ddt.models.vae import LatentCodec
 from ddt.objective import Objective
@@ -85,16 +86,18 @@ def build_objective(plain: dict, codec: LatentCodec | None, scaling_factor: floa
                      time_distribution=train["time_distribution"], label_dropout=train["label_dropout"])
 
 
-def feature_extractor(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
-    """Name and weights of the evaluation's torch-fidelity feature extractor (trained or found now)."""
+def feature_extractor(plain: dict) -> dict:
+    """Name, weights and weights' SHA-256 of the evaluation's torch-fidelity feature extractor (found now)."""
     ev, cache_dir = plain["eval"], Path(plain["cache_dir"])
     if ev["feature_extractor"] == DIGITS_EXTRACTOR:
-        path, accuracy = ensure_digits_classifier(*digits, cache_dir, seed=0)
-        log.info("digits classifier %s: held-out accuracy %.4f", path, accuracy)
-        return {"name": DIGITS_EXTRACTOR, "weights": str(path), "test_accuracy": accuracy}
+        path, digest = shipped_weights(ev["digits_classifier"])
+        accuracy = float(load(path)["test_accuracy"])
+        log.info("digits classifier %s (sha256 %s): held-out accuracy %.4f", path.name, digest[:12], accuracy)
+        return {"name": DIGITS_EXTRACTOR, "version": ev["digits_classifier"], "weights": str(path),
+                "sha256": digest, "test_accuracy": accuracy}
     if ev["feature_extractor"] == INCEPTION_EXTRACTOR:
         path = inception_weights_path(ev.get("inception_weights"), cache_dir)
-        return {"name": INCEPTION_EXTRACTOR, "weights": str(path)}
+        return {"name": INCEPTION_EXTRACTOR, "weights": str(path), "sha256": file_sha256(path)}
     raise ValueError(f"eval.feature_extractor={ev['feature_extractor']!r} is not available; "
                      f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
 
@@ -116,16 +119,18 @@ def evaluation_reference(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] 
 def prepare(plain: dict, todo: list[str]) -> Parts:
     """Load or find everything the stages in `todo` need, failing before any work is done."""
     parts = Parts()
-    data, evaluating = plain["data"], "evaluate" in todo and plain["eval"]["name"] != "none"
+    data, ev = plain["data"], plain["eval"]
+    curve = "curve" in todo or ("train" in todo and ev.get("every_steps"))
+    evaluating = ev["name"] != "none" and ("evaluate" in todo or curve)
     digits = load_digits(plain["resolution"]["image_size"]) if data["name"] == "digits" else None
     if evaluating:
-        parts.extractor = feature_extractor(plain, digits)
+        parts.extractor = feature_extractor(plain)
         parts.reference, parts.reference_name = evaluation_reference(plain, digits)
     if "cache_latents" in todo:
         parts.image_folder = ImageFolder(data["root"], plain["resolution"]["image_size"])
     if "train" in todo:
         parts.train_data, scaling_factor = training_data(plain, digits)
-    if {"cache_latents", "sample"} & set(todo) or ("train" in todo and data["name"] == "imagenet"):
+    if {"cache_latents", "sample"} & set(todo) or curve or ("train" in todo and data["name"] == "imagenet"):
         parts.codec = load_codec(plain)
     if "train" in todo:
         parts.objective = build_objective(plain, parts.codec, scaling_factor)

@@ -6,12 +6,16 @@ config's key names, so every error here names the key at fault.
 from __future__ import annotations
 
 import hashlib
+import json
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.sampling import SHARING, SOLVERS
 
-STAGES = ("cache_latents", "train", "sample", "evaluate")
+STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
+
+# Keys that say nothing about what a run computes: runs that differ only in these share a config_id.
+NOT_CONFIG_ID_KEYS = ("seed", "name", "cache_dir", "progress", "device", "logger", "tags")
 
 
 def _decoder_depth(depth: int, encoder_depth: int) -> int:
@@ -44,6 +48,12 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def config_id(plain: dict) -> str:
+    """Hash of the resolved config without seed, run names and logging keys: the group of a run's seeds."""
+    kept = {k: v for k, v in plain.items() if k not in NOT_CONFIG_ID_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def stages(cfg: DictConfig) -> list[str]:
     """`stage` as a list in pipeline order (evaluate implies sample); a name or a list is accepted."""
     value = cfg.stage
@@ -72,11 +82,26 @@ def validate(cfg: DictConfig) -> dict:
         raise ValueError(f"train.batch_size={plain['train']['batch_size']} must be positive")
     if plain["eval"].get("num_samples", 1) < 1:
         raise ValueError(f"eval.num_samples={plain['eval']['num_samples']} must be positive")
+    check_curve(plain, stages(cfg))
     todo = stages(cfg)
     sampler_kwargs(plain)
     check_sharing(plain)
     check_data(plain, todo)
     return plain
+
+
+def check_curve(plain: dict, todo: list[str]) -> None:
+    """eval.every_steps and eval.curve_num_samples: a curve needs metrics and a positive cadence."""
+    ev = plain["eval"]
+    every, num = ev.get("every_steps", 0), ev.get("curve_num_samples")
+    if not isinstance(every, int) or every < 0:
+        raise ValueError(f"eval.every_steps={every} must be 0 (evaluate only at the end) or a positive number "
+                         f"of training steps")
+    if num is not None and (not isinstance(num, int) or num < 1):
+        raise ValueError(f"eval.curve_num_samples={num} must be null (= eval.num_samples) or positive")
+    if ev["name"] == "none" and (every or "curve" in todo):
+        raise ValueError(f"eval=none computes no metrics, so there is no curve (eval.every_steps={every}, "
+                         f"stage={todo}); pick eval=fid_digits or fid_imagenet")
 
 
 def check_data(plain: dict, todo: list[str]) -> None:

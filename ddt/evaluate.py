@@ -1,12 +1,12 @@
 """Sampling to disk (PNGs + ADM-layout npz, resumable) and torch-fidelity metrics.
 
-Digits runs measure FID/IS/precision/recall with a small classifier trained on the digits data
-(registered as torch-fidelity feature extractor `digits-classifier`); ImageNet runs use
+Digits runs measure FID/IS/KID/precision/recall with a small classifier trained on the digits data
+(its weights ship with the repository; registered as torch-fidelity feature extractor
+`digits-classifier`); ImageNet runs use
 torch-fidelity's Inception-v3 (`inception-v3-compat`), from a local file or its download URL.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import socket
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ddt.checkpoint import atomic_save, atomic_write_bytes, load, required_file
 from ddt.data.pixels import to_uint8
-from ddt.models.digits_classifier import DigitsClassifier, train_digits_classifier
+from ddt.models.digits_classifier import DigitsClassifier
 from ddt.sampling import SamplingStats, sample
 
 DIGITS_EXTRACTOR = "digits-classifier"
@@ -60,9 +60,10 @@ def write_png(image: np.ndarray, path: Path) -> None:
 def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: int, batch_size: int,
                      seed: int, sampler_kwargs: dict, latent_shape: tuple[int, ...],
                      decode: Callable[[torch.Tensor], torch.Tensor] = to_uint8,
-                     rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+                     rank: int = 0, world_size: int = 1, progress: bool = True,
+                     stop: Callable[[], bool] | None = None) -> dict:
     """Write samples_dir/{i:06d}.png for this rank's i < num_samples (i ≡ rank mod world_size),
-    skipping images already there."""
+    skipping images already there; returns early (`stopped`) once `stop()` is true after a batch."""
     samples_dir = Path(samples_dir)
     samples_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -70,10 +71,13 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
     mine = range(rank, num_samples, world_size)
     todo = [i for i in mine if not (samples_dir / f"{i:06d}.png").exists()]
     stats = SamplingStats()
-    start = time.perf_counter()
+    start, done, stopped = time.perf_counter(), 0, False
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sample", unit="img",
                disable=not progress)
     for first in range(0, len(todo), batch_size):
+        if stop is not None and stop():
+            stopped = True  # e.g. a preemption signal: the images written so far are kept for the rerun
+            break
         batch = torch.tensor(todo[first:first + batch_size], dtype=torch.long)
         noise = sample_noise(batch, latent_shape, seed).to(device)
         # SDE noise is seeded by the batch's first image, so a resumed run redraws the same batches.
@@ -83,10 +87,10 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
         for i, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
             write_png(image, samples_dir / f"{i:06d}.png")
         bar.update(len(batch))
+        done += len(batch)
     bar.close()
     seconds = time.perf_counter() - start
-    done = len(todo)
-    return {"num_samples": num_samples, "generated": done, "wall_time_s": round(seconds, 3),
+    return {"num_samples": num_samples, "generated": done, "stopped": stopped, "wall_time_s": round(seconds, 3),
             "images_per_s": round(done / seconds, 3) if done else None,
             "encoder_passes_per_image": stats.encoder_passes / done if done else None,
             "decoder_passes_per_image": stats.decoder_passes / done if done else None}
@@ -183,18 +187,6 @@ def register_digits_extractor() -> None:
             return tuple(named[name] for name in self.features_list)
 
     torch_fidelity.register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
-
-
-def ensure_digits_classifier(images: torch.Tensor, labels: torch.Tensor, cache_dir: str | Path,
-                             seed: int = 0) -> tuple[Path, float]:
-    """Train the digits classifier once and cache it; returns (weights path, held-out accuracy)."""
-    key = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes() + str(seed).encode())
-    path = Path(cache_dir) / f"digits_classifier-{key.hexdigest()[:12]}.pt"
-    if not path.exists():
-        model, accuracy = train_digits_classifier(images, labels, seed=seed)
-        config = {"num_classes": model.logits.out_features, "feature_dim": model.features.out_features}
-        atomic_save({"config": config, "state_dict": model.state_dict(), "test_accuracy": accuracy}, path)
-    return path, float(load(path)["test_accuracy"])
 
 
 def inception_weights_path(configured: str | None, cache_dir: str | Path) -> Path:
@@ -306,8 +298,9 @@ def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tenso
     )
     if input2 is not None:
         kwargs.update(input2=input2, input2_cache_name=f"{reference_name}-{feature_extractor}-{weights_path.stem}")
-    if kid:
-        kwargs["kid_subset_size"] = min(1000, len(input2))
+    if kid:  # torch-fidelity's default subset size (1000) but never more images than either side has
+        num_samples = len(list(Path(samples).glob("*.png"))) if isinstance(samples, (str, Path)) else len(samples)
+        kwargs["kid_subset_size"] = min(1000, len(input2), num_samples)
     try:
         metrics = torch_fidelity.calculate_metrics(fid=npz is None, isc=True, prc=prc, kid=kid, **kwargs)
         if npz is not None:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import config_id, model_kwargs, sampler_kwargs, stages, validate
 from ddt.data.latents import cache_latents
 from ddt.data.pixels import to_uint8
 from ddt import distributed
@@ -155,9 +155,12 @@ NOT_RESULT_KEYS = ("progress", "device", "logger")
 
 
 def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
-    """Whether results.json records this very run (same config and stages) as completed."""
+    """Whether results.json records this very run (same config and stages) as completed.
+
+    stage=curve is never complete: each call looks for kept checkpoints that have no point yet.
+    """
     saved = results.get("config") or {}
-    return (results.get("status") == "completed" and results.get("stages") == todo
+    return (results.get("status") == "completed" and results.get("stages") == todo and "curve" not in todo
             and {k: v for k, v in saved.items() if k not in NOT_RESULT_KEYS}
             == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
 
@@ -188,12 +191,14 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
     torch.manual_seed(plain["seed"])
     model = build_model(**model_kwargs(plain)).to(device)
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
+                   config_id=config_id(plain),
                    versions=versions(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                    world_size=process_rank()[1],
                    model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
     logger = plain["logger"] if rank == 0 else {"backend": "none"}  # one W&B run per job
-    tracker = make_tracker(logger, config=plain, run_dir=run_dir, sweep_dir=sweep_dir or run_dir.parent,
+    tracker = make_tracker(logger, config={**plain, "config_id": results.data["config_id"]}, run_dir=run_dir,
+                           sweep_dir=sweep_dir or run_dir.parent,
                            job_type="+".join(todo))
     try:
         _run_stages(plain, todo, model, device, run_dir, results, tracker)
@@ -232,10 +237,14 @@ def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, 
     if "cache_latents" in todo:
         _cache_latents(plain, parts, device, results)
     step = _train(plain, model, run_dir, results, tracker, parts) if "train" in todo else None
+    if "curve" in todo:
+        _fill_curve(plain, run_dir, results, tracker, parts, kept_steps(run_dir), device)
     if "sample" in todo:
         _sample(plain, todo, model, run_dir, results, parts, step, tracker)
-    if parts.extractor is not None and process_rank()[0] == 0:
+    if "evaluate" in todo and parts.extractor is not None and process_rank()[0] == 0:
         _evaluate(plain, run_dir, results, tracker, parts)
+    if results.data.get("curve"):
+        results.update(curve_cost=curve_cost(results.data))
 
 
 def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Results) -> None:
@@ -256,13 +265,22 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
         log.info("initialised from the EMA weights of %s", ckpt)
     train_cfg = TrainConfig(**plain["train"], num_workers=plain["data"]["num_workers"])
     grids = plain["logger"].get("sample_every", 0)
+    every = plain["eval"]["every_steps"] if parts.extractor is not None else 0
+
+    def curve_point(t: Trainer) -> None:  # the EMA weights in memory are those of step_N.pt
+        _curve_point(plain, t.ema, t.step, run_dir, results, tracker, parts, stop=lambda: t.interrupt is not None)
+
     trainer = Trainer(model, parts.train_data, train_cfg, run_dir=run_dir, seed=plain["seed"],
                       objective=parts.objective, log=tracker.log, progress=plain["progress"],
-                      on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None)
+                      on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None,
+                      eval_every=every, on_eval=curve_point if every else None)
     if last.exists():
         trainer.load(last)
         log.info("resuming from %s at step %d", last, trainer.step)
     barrier()  # every rank knows where it starts before rank 0 may write last.pt again
+    if every:  # points a kill or preemption interrupted (or a run trained without them) come first
+        _fill_curve(plain, run_dir, results, tracker, parts,
+                    [s for s in range(every, trainer.step + 1, every) if trainer.eval_due(s)], trainer.device)
     with checkpoint_on_preemption(trainer):
         stats = trainer.fit()
     if stats["steps_this_session"]:
@@ -327,9 +345,35 @@ def _ckpt(plain: dict) -> Path | None:
     return Path(plain["ckpt"]).expanduser() if plain["ckpt"] else None
 
 
+def _write_samples(plain: dict, model: DDT, out_dir: Path, num_samples: int, weights: dict, parts: Parts,
+                   stop=None) -> tuple[dict, dict]:
+    """Sample num_samples images of `model` into out_dir/samples on every rank (image i on rank i mod
+    world size; images already there are kept); returns (sampling stats, encoder-sharing schedule)."""
+    sampler = plain["sampler"]
+    model.eval()
+    compile_blocks(model, sampler["compile"])
+    device = next(model.parameters()).device
+    if parts.codec is not None:
+        parts.codec.to(device)
+    latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
+    schedule = recompute_schedule(model, plain, out_dir / "sharing_schedule.json", weights, latent_shape)
+    rank, world_size = process_rank()
+    samples_dir = out_dir / "samples"
+    if rank == 0:
+        prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
+    barrier()  # stale samples are moved aside before any rank writes new ones
+    stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
+                             seed=plain["seed"], latent_shape=latent_shape, progress=plain["progress"],
+                             decode=parts.codec.decode if parts.codec is not None else to_uint8,
+                             rank=rank, world_size=world_size, stop=stop,
+                             sampler_kwargs={**sampler_kwargs(plain), "recompute_steps": schedule["recompute_steps"]})
+    barrier()  # rank 0 reads the samples once every rank has written its share
+    return {**stats, "rank": rank, "world_size": world_size}, schedule
+
+
 def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Results, parts: Parts,
             step: int | None, tracker) -> None:
-    ckpt, sampler, ev = _ckpt(plain), plain["sampler"], plain["eval"]
+    ckpt, num_samples = _ckpt(plain), plain["eval"]["num_samples"]
     if "train" not in todo:
         source = ckpt or run_dir / "checkpoints" / "last.pt"
         if not source.exists():
@@ -337,47 +381,118 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
                                     f"or include train in stage")
         step = load_weights(model, source, ema=plain["ckpt_ema"])
         log.info("sampling with the %s weights of %s (step %s)", "EMA" if plain["ckpt_ema"] else "raw", source, step)
-    model.eval()
-    compile_blocks(model, sampler["compile"])
-    device = next(model.parameters()).device
-    if parts.codec is not None:
-        parts.codec.to(device)
-    kwargs = sampler_kwargs(plain)
     weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "ckpt_ema": plain["ckpt_ema"], "seed": plain["seed"]}
-    latent_shape = (model.in_channels, plain["resolution"]["latent_size"], plain["resolution"]["latent_size"])
-    samples_dir, num_samples = run_dir / "samples", ev["num_samples"]
-    schedule = recompute_schedule(model, plain, run_dir / "sharing_schedule.json", weights, latent_shape)
-    rank, world_size = process_rank()
-    if rank == 0:
-        prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
-    barrier()  # stale samples are moved aside before any rank writes new ones
-    stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
-                             seed=plain["seed"], latent_shape=latent_shape, progress=plain["progress"],
-                             decode=parts.codec.decode if parts.codec is not None else to_uint8,
-                             rank=rank, world_size=world_size,
-                             sampler_kwargs={**kwargs, "recompute_steps": schedule["recompute_steps"]})
+    stats, schedule = _write_samples(plain, model, run_dir, num_samples, weights, parts)
     if stats["generated"]:
         results.invalidate("metrics", "evaluate")
-    barrier()
-    if rank != 0:
-        return  # rank 0 gathers the samples once every rank has written its share
+    if stats["rank"] != 0:
+        return
+    samples_dir = run_dir / "samples"
     array = read_samples(samples_dir, num_samples)
     write_npz(array, sample_labels(num_samples, model.num_classes).numpy(), samples_dir / "samples.npz")
     write_grid(array, run_dir / "sample_grid.png")
     tracker.image("samples/final_grid", image_grid(array), step or 0, caption=f"{num_samples} samples")
+    kwargs = sampler_kwargs(plain)
     results.update(sample={**stats, "step": step, **kwargs, "cfg_interval": list(kwargs["cfg_interval"]),
-                           "rank": rank, "world_size": world_size, **schedule})
+                           **schedule})
+
+
+#################################################################################
+#          Curves: the EMA weights evaluated every eval.every_steps steps       #
+#################################################################################
+
+def kept_steps(run_dir: Path) -> list[int]:
+    """The steps of the kept checkpoints (checkpoints/step_N.pt), ascending."""
+    names = (p.stem.removeprefix("step_") for p in (run_dir / "checkpoints").glob("step_*.pt"))
+    return sorted(int(n) for n in names if n.isdigit())
+
+
+def record_point(results: Results, point: dict) -> None:
+    """Add a curve point keyed by step: never two points for one step; the final evaluation's point wins."""
+    points = {p["step"]: p for p in results.data.get("curve", [])}
+    if point["final"] or not points.get(point["step"], {}).get("final"):
+        points[point["step"]] = point
+    if point["final"]:  # an earlier final evaluation (before training went on) becomes an ordinary point
+        points = {s: {**p, "final": s == point["step"]} for s, p in points.items()}
+    results.update(curve=[points[s] for s in sorted(points)])
+
+
+def _metrics(plain: dict, parts: Parts, samples_dir: Path) -> dict[str, float]:
+    ev = plain["eval"]
+    return calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
+                             weights_path=parts.extractor["weights"], cache_dir=plain["cache_dir"],
+                             reference_name=parts.reference_name, prc=ev["prc"], kid=ev["kid"],
+                             batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+
+
+def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Results, tracker, parts: Parts,
+                 stop=None) -> None:
+    """Sample and score the weights in `model` (those of step_N.pt) as the curve point of `step`."""
+    start, ev = time.perf_counter(), plain["eval"]
+    num_samples = ev["curve_num_samples"] or ev["num_samples"]
+    point_dir = run_dir / "curve" / f"step_{step:07d}"
+    weights = {"step": step, "ckpt": str(run_dir / "checkpoints" / f"step_{step}.pt"), "ckpt_ema": True,
+               "seed": plain["seed"]}
+    log.info("curve point at step %d: %d samples into %s", step, num_samples, point_dir)
+    stats, _ = _write_samples(plain, model, point_dir, num_samples, weights, parts, stop=stop)
+    if stats["stopped"]:
+        log.warning("curve point at step %d interrupted; the rerun finishes it from %s", step, weights["ckpt"])
+        return
+    if stats["rank"] != 0:
+        return
+    metrics = _metrics(plain, parts, point_dir / "samples")
+    point = {"step": step, **metrics, "num_samples": num_samples, "final": False,
+             "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"]}
+    record_point(results, point)
+    tracker.curve(point)
+    log.info("curve point at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts, steps: list[int],
+                device: torch.device) -> None:
+    """Evaluate the kept checkpoints of `steps` that have no curve point yet (stage=curve, or on resume)."""
+    have = {p["step"] for p in results.data.get("curve", [])}
+    missing = [s for s in steps if s not in have]
+    absent = [s for s in missing if not (run_dir / "checkpoints" / f"step_{s}.pt").exists()]
+    if absent:
+        log.warning("no kept checkpoint for the curve steps %s (checkpoints/step_N.pt): those points stay missing",
+                    absent)
+    todo = [s for s in missing if s not in absent]
+    if not todo:
+        return
+    model = build_model(**model_kwargs(plain)).to(device)
+    for step in todo:
+        load_weights(model, run_dir / "checkpoints" / f"step_{step}.pt", ema=True)
+        _curve_point(plain, model, step, run_dir, results, tracker, parts)
+
+
+def curve_cost(results: dict) -> dict:
+    """Time spent on intermediate curve points and its share of the run (training + all evaluations)."""
+    points = results.get("curve", [])
+    curve_s = sum(p.get("wall_time_s", 0.0) for p in points if not p["final"])
+    train_s = (results.get("train") or {}).get("total_wall_time_s", 0.0)
+    final_s = ((results.get("sample") or {}).get("wall_time_s", 0.0)
+               + (results.get("evaluate") or {}).get("wall_time_s", 0.0))
+    total = curve_s + train_s + final_s
+    return {"intermediate_points": sum(not p["final"] for p in points), "wall_time_s": round(curve_s, 3),
+            "train_wall_time_s": train_s, "final_eval_wall_time_s": round(final_s, 3),
+            "run_wall_time_s": round(total, 3), "share": round(curve_s / total, 4) if total else None}
 
 
 def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts) -> None:
     ev = plain["eval"]
     start = time.perf_counter()  # the sample stage (implied by evaluate) made every image
-    metrics = calculate_metrics(run_dir / "samples", parts.reference, feature_extractor=parts.extractor["name"],
-                                weights_path=parts.extractor["weights"], cache_dir=plain["cache_dir"],
-                                reference_name=parts.reference_name, prc=ev["prc"], kid=ev["kid"],
-                                batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+    metrics = _metrics(plain, parts, run_dir / "samples")
+    seconds = round(time.perf_counter() - start, 3)
     results.update(metrics=metrics, feature_extractor=parts.extractor,
                    evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,
-                             "wall_time_s": round(time.perf_counter() - start, 3)})
+                             "feature_extractor_sha256": parts.extractor.get("sha256"), "wall_time_s": seconds})
+    step = (results.data.get("sample") or {}).get("step")
+    if step is not None:  # the final point of the curve (an official checkpoint has no step)
+        point = {"step": step, **metrics, "num_samples": ev["num_samples"], "final": True,
+                 "wall_time_s": round(results.data["sample"]["wall_time_s"] + seconds, 3),
+                 "sample_wall_time_s": results.data["sample"]["wall_time_s"]}
+        record_point(results, point)
+        tracker.curve(point)
     tracker.summary(metrics)
     log.info("metrics: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

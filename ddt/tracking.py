@@ -31,6 +31,10 @@ class NullTracker:
     def image(self, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
         pass
 
+    def curve(self, point: dict) -> None:
+        """One curve point (the EMA weights evaluated at a training step) as `eval/*`."""
+        log.info("eval at step %d: %s", point["step"], " ".join(f"{k}={v:.4g}" for k, v in eval_row(point).items()))
+
     def summary(self, metrics: dict) -> None:
         pass
 
@@ -50,13 +54,20 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-METRICS = ("fid", "isc_mean", "precision", "recall")
+METRICS = ("fid", "isc_mean", "kid_mean", "precision", "recall")
+CURVE_METRICS = (*METRICS, "isc_std", "kid_std", "f_score", "num_samples")
+
+
+def eval_row(point: dict) -> dict[str, float]:
+    """A curve point as the `eval/*` values logged against the training step (`eval/step`)."""
+    return {"eval/step": point["step"], **{f"eval/{k}": point[k] for k in CURVE_METRICS if k in point}}
 
 
 def summary_row(results: dict) -> dict[str, Any]:
     """The headline numbers of a results.json, flat: what W&B's run summary and the analysis share."""
     train, sample = results.get("train") or {}, results.get("sample") or {}
-    row = {"status": results.get("status"), "step": train.get("step", sample.get("step"))}
+    row = {"status": results.get("status"), "step": train.get("step", sample.get("step")),
+           "config_id": results.get("config_id")}
     row.update({k: v for k, v in (results.get("metrics") or {}).items() if k in METRICS})
     for stage, keys in (("train", ("images_per_s", "wall_time_s", "final_loss")),
                         ("sample", ("images_per_s", "wall_time_s", "num_recompute", "sharing_ratio",
@@ -110,6 +121,10 @@ class WandbTracker(NullTracker):
                             type(err2).__name__, err2)
         if self.run is not None:
             log.info("W&B run %s (group %s, mode %s)", run_id, group, self.run.settings.mode)
+            # Curve points are plotted against eval/step, not W&B's own step, so a point filled in
+            # later (stage=curve, a resumed run) lands at its training step.
+            self._safely(self.run.define_metric, "eval/step")
+            self._safely(self.run.define_metric, "eval/*", step_metric="eval/step")
 
     def _safely(self, fn, *args, **kwargs) -> None:
         if self.failed:
@@ -123,6 +138,10 @@ class WandbTracker(NullTracker):
     def log(self, metrics: dict, step: int) -> None:
         super().log(metrics, step)
         self._safely(self.run.log, metrics, step=step)
+
+    def curve(self, point: dict) -> None:
+        super().curve(point)
+        self._safely(self.run.log, eval_row(point))
 
     def image(self, key: str, image: np.ndarray, step: int, caption: str = "") -> None:
         self._safely(lambda: self.run.log({key: self.wandb.Image(image, caption=caption)}, step=step))

@@ -105,9 +105,12 @@ class Trainer:
     def __init__(self, model: nn.Module, dataset: torch.utils.data.Dataset, cfg: TrainConfig, *,
                  run_dir: str | Path, seed: int, objective: Objective | None = None,
                  log: Callable[[dict, int], None] = lambda m, s: None,
-                 on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = True):
+                 on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = True,
+                 eval_every: int = 0, on_eval: Callable[["Trainer"], None] | None = None):
         self.model, self.dataset, self.cfg = model, dataset, cfg
-        self.on_checkpoint = on_checkpoint  # e.g. log a sample grid of the EMA weights
+        self.on_checkpoint = on_checkpoint  # e.g. log a sample grid of the EMA weights (rank 0)
+        # Every eval_every steps before the last, on every rank, after step_N.pt is written: a curve point.
+        self.eval_every, self.on_eval = eval_every, on_eval
         self.device = next(model.parameters()).device
         self.objective = objective or Objective(time_distribution=cfg.time_distribution,
                                                 label_dropout=cfg.label_dropout)
@@ -119,6 +122,7 @@ class Trainer:
             trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.seed, self.step = seed, 0
+        self.train_seconds = 0.0  # optimisation time over every session of the run (evaluations excluded)
         self.rank, self.world_size = process_rank()
         if cfg.batch_size % self.world_size:
             raise ValueError(f"train.batch_size={cfg.batch_size} (the global batch) is not divisible by the "
@@ -142,7 +146,15 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "generator": self.generator.get_state(), "signature": model_signature(self.model),
-                "objective": self.objective.trainable_state_dict()}
+                "objective": self.objective.trainable_state_dict(), "train_seconds": self.train_seconds}
+
+    def keeps(self, step: int) -> bool:
+        """Whether step_N.pt is kept for this step (train.keep_every, and every curve point)."""
+        return bool(self.cfg.keep_every and step % self.cfg.keep_every == 0) or self.eval_due(step)
+
+    def eval_due(self, step: int) -> bool:
+        """Whether a curve point is due after this step (the last step is the final evaluation's)."""
+        return bool(self.eval_every and step % self.eval_every == 0 and 0 < step < self.cfg.max_steps)
 
     def save(self) -> Path:
         """Write checkpoints/last.pt (and step_N.pt on cadence) on rank 0."""
@@ -153,7 +165,7 @@ class Trainer:
             stale.unlink(missing_ok=True)
         state = self.state_dict()
         checkpoint.atomic_save(state, last)
-        if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
+        if self.keeps(self.step):
             checkpoint.atomic_save(state, self.ckpt_dir / f"step_{self.step}.pt")
         return last
 
@@ -168,6 +180,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))
 
     # ----------------------------------------------------------------- the loop
     def _check_finite(self, first_bad_step: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -205,7 +218,7 @@ class Trainer:
         step, saves a checkpoint and calls it (submitit's handler requeues the job and exits).
         """
         cfg = self.cfg
-        start_step, start = self.step, time.perf_counter()
+        start_step, start, eval_seconds = self.step, time.perf_counter(), 0.0
         last_loss = grad_norm = float("nan")
         last_terms: dict[str, float] = {}
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
@@ -218,13 +231,15 @@ class Trainer:
         # Non-finite losses are flagged on the device (no host sync per step) and checked at every
         # log, checkpoint and interrupt: a checkpoint is never written from non-finite weights.
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        resumed_seconds = self.train_seconds
         for batch in batches:
             loss, terms = self.train_step(batch)
             bad = ~torch.isfinite(loss.detach())
             first_bad_step = torch.where(bad & (first_bad_step < 0), self.step - 1, first_bad_step)
             bar.update(1)
-            checkpoint_due = self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps \
-                or self.interrupt is not None
+            eval_due = self.eval_due(self.step) and self.on_eval is not None
+            save_due = self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps or self.keeps(self.step)
+            checkpoint_due = save_due or self.interrupt is not None
             if self.step % cfg.log_every == 0 or checkpoint_due:
                 # max |grad| after DDP's averaging: the same on every rank
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
@@ -233,26 +248,34 @@ class Trainer:
                 last_loss, grad_norm = mean_over_ranks(loss).item(), norm.item()
                 last_terms = {k: mean_over_ranks(v).item() for k, v in terms.items()} if len(terms) > 1 else {}
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - eval_seconds
                 self.log({"train/loss": last_loss, "train/grad_norm": grad_norm, "train/lr": cfg.lr,
                           "train/images_per_s": (self.step - start_step) * cfg.batch_size / elapsed,
                           **{f"train/{k}": v for k, v in last_terms.items()}},
                          self.step)
-            if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
+            if save_due:
+                self.train_seconds = resumed_seconds + time.perf_counter() - start - eval_seconds
                 self.save()
                 if self.on_checkpoint is not None and self.rank == 0:
                     self.on_checkpoint(self)
+            if eval_due:
+                eval_start = time.perf_counter()
+                self.on_eval(self)
+                eval_seconds += time.perf_counter() - eval_start
             if self.interrupt is not None:
                 interrupt, self.interrupt = self.interrupt, None
+                self.train_seconds = resumed_seconds + time.perf_counter() - start - eval_seconds
                 self.save()
                 interrupt()
         bar.close()
         if not (self.ckpt_dir / "last.pt").exists():
             self.save()  # max_steps = 0: the untrained model is still a checkpoint to sample from
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - eval_seconds
+        self.train_seconds = resumed_seconds + seconds
         steps = self.step - start_step
         return {"step": self.step, "steps_this_session": steps, "resumed_from_step": start_step,
                 "final_loss": last_loss, **{f"final_{k}": v for k, v in last_terms.items()},
                 "final_grad_norm": grad_norm, "wall_time_s": round(seconds, 3),
+                "total_wall_time_s": round(self.train_seconds, 3), "curve_eval_wall_time_s": round(eval_seconds, 3),
                 "images_per_s": round(steps * cfg.batch_size / seconds, 2) if steps else None,
                 "world_size": self.world_size}

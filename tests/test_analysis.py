@@ -18,11 +18,12 @@ BUDGET = ["train.max_steps=10", "train.batch_size=32", "train.ckpt_every=5", "ev
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory, cache_dir):
-    """A real -m sweep over model.encoder_depth=8,16,22 and a sampler sweep over its 22en6de checkpoint."""
+    """A real seeded -m sweep (model.encoder_depth=8,22 x seed=0,1, a curve point every 5 steps) and a
+    sampler sweep over one 22en6de checkpoint."""
     root = tmp_path_factory.mktemp("sweeps")
     ratio, sampling = root / "quickstart", root / "sharing"
-    launch("-m", "model.encoder_depth=8,16,22", *BUDGET, f"hydra.sweep.dir={ratio}")
-    (run_22,) = ratio.glob("*model.encoder_depth=22*")  # folder named after all of the run's overrides
+    launch("-m", "model.encoder_depth=8,22", "seed=0,1", "eval.every_steps=5", *BUDGET, f"hydra.sweep.dir={ratio}")
+    (run_22,) = ratio.glob("*model.encoder_depth=22,*,seed=0,*")  # folder named after all of the run's overrides
     ckpt = run_22 / "checkpoints" / "last.pt"
     launch("-m", "stage=evaluate", f"ckpt='{ckpt}'",  # quoted: the path holds '='
            "sampler.sharing=none,uniform,dp", "sampler.num_recompute=2",
@@ -33,7 +34,8 @@ def sweeps(tmp_path_factory, cache_dir):
 def test_load_runs_reads_every_point_of_the_sweep(sweeps):
     ratio, _ = sweeps
     df = load_runs(ratio)
-    assert df["model.encoder_depth"].tolist() == [8, 16, 22]
+    assert df["model.encoder_depth"].tolist() == [8, 8, 22, 22] and sorted(df["seed"]) == [0, 0, 1, 1]
+    assert df.groupby("model.encoder_depth")["config_id"].nunique().eq(1).all() and df["config_id"].nunique() == 2
     assert (df["step"] == 10).all() and df["group"].eq("quickstart").all()
     for row in df.to_dict("records"):
         results = json.loads((ratio / row["run"] / "results.json").read_text())
@@ -74,6 +76,33 @@ def test_report_cli_prints_the_tables_and_writes_the_figures(sweeps, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert "best split" in proc.stdout and re.search(r"\b(8en20de|16en12de|22en6de)\b", proc.stdout)
     assert (tmp_path / "encoder_ratio.png").exists() and (tmp_path / "sharing_speed.png").exists()
+    assert "±" in proc.stdout  # two seeds per split: mean ± ci95
+    page = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in page and "±" in page and not re.search(r"(src|href)=\"https?:", page)
+
+
+def test_curves_of_the_seeded_sweep_aggregate_per_split_and_step_and_draw_bands(sweeps):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+    from scipy import stats
+
+    from analysis import plots
+    from analysis.results import aggregate, load_curves
+
+    ratio, _ = sweeps
+    curves = load_curves(ratio)
+    assert sorted(curves.groupby("run")["step"].apply(list).map(tuple).unique()) == [(5, 10)]
+    agg = aggregate(curves, over="seed")
+    assert len(agg) == 4 and (agg["n"] == 2).all()  # 2 splits x 2 steps, 2 seeds each
+    for row in agg.to_dict("records"):
+        fids = curves[(curves["model.encoder_depth"] == row["model.encoder_depth"])
+                      & (curves["step"] == row["step"])]["fid"].to_numpy()
+        assert row["fid_mean"] == pytest.approx(fids.mean())
+        assert row["fid_ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * fids.std(ddof=1) / np.sqrt(2))
+    fig, ax = plt.subplots()
+    plots.fid_vs_step_axes(ax, curves)
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # one band per split
+    plt.close(fig)
 
 
 def test_wandb_report_panels_use_the_logged_columns():
@@ -82,5 +111,6 @@ def test_wandb_report_panels_use_the_logged_columns():
     report = build_report("me", "ddt-ablations", "quickstart-20261125-212801")
     grid = report.blocks[1]
     names = [type(p).__name__ for p in grid.panels]
-    assert names == ["ScatterPlot", "ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "MediaBrowser"]
+    assert names == ["ScatterPlot", "ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "LinePlot", "LinePlot",
+                     "MediaBrowser"]
     assert grid.panels[0].x.name == "model.encoder_depth" and grid.panels[0].y.name == "fid"

@@ -5,8 +5,8 @@ import torch
 from PIL import Image
 
 from ddt.data.digits import load_digits
-from ddt.evaluate import (calculate_metrics, ensure_digits_classifier, inception_weights_path, read_samples,
-                          write_grid, write_npz)
+from ddt.evaluate import calculate_metrics, inception_weights_path, read_samples, write_grid, write_npz
+from ddt.models import digits_classifier as shipped
 
 
 @pytest.fixture(scope="module")
@@ -15,14 +15,45 @@ def digits():
 
 
 @pytest.fixture
-def classifier(digits, cache_dir):
-    return ensure_digits_classifier(*digits, cache_dir)
+def classifier():
+    return shipped.shipped_weights()
 
 
-def test_classifier_is_accurate_and_cached(digits, classifier, cache_dir):
-    path, accuracy = classifier
-    assert accuracy > 0.95
-    assert ensure_digits_classifier(*digits, cache_dir) == (path, accuracy)
+def test_the_shipped_classifier_is_checked_against_its_hash_and_accurate_on_held_out_digits(digits, classifier):
+    import hashlib
+
+    from ddt.checkpoint import load
+    from ddt.models.digits_classifier import DigitsClassifier
+
+    path, digest = classifier
+    assert path.name == "digits_classifier-v1.pt" and digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert (path.with_suffix(".sha256")).read_text().split()[0] == digest
+    state = load(path)  # weights_only=True
+    net = DigitsClassifier(**state["config"])
+    net.load_state_dict(state["state_dict"])
+    images, labels = digits
+    held_out = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[: int(len(images) * 0.2)]
+    with torch.no_grad():
+        accuracy = (net(images[held_out])[1].argmax(1) == labels[held_out]).float().mean().item()
+    assert accuracy == pytest.approx(state["test_accuracy"]) and accuracy > 0.95  # the split it was trained without
+
+
+def test_a_changed_weights_file_or_an_unknown_version_is_refused(tmp_path, monkeypatch):
+    import shutil
+
+    path, _ = shipped.shipped_weights()
+    monkeypatch.setattr(shipped, "ASSETS", tmp_path)
+    shutil.copy(path, tmp_path / path.name)
+    shutil.copy(path.with_suffix(".sha256"), tmp_path / path.with_suffix(".sha256").name)
+    assert shipped.shipped_weights()[0] == tmp_path / path.name
+    with open(tmp_path / path.name, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="SHA-256"):
+        shipped.shipped_weights()
+    with pytest.raises(FileNotFoundError, match="eval.digits_classifier=v9.*shipped versions: \\['v1'\\]"):
+        shipped.shipped_weights("v9")
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        shipped.write_version("v1", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(digits, classifier, cache_dir):

@@ -2,13 +2,27 @@
 
 Inception-v3 features mean little on 16×16 handwritten digits; as is standard for MNIST-like
 data, FID is computed on the penultimate features of a classifier trained on the real images, and
-IS on its logits. It is trained once (seeded, a fixed split) and cached by the evaluation code.
+IS on its logits. A metric is only comparable while its feature extractor is fixed, so the trained
+weights ship in `ddt/assets/` under a version name with their SHA-256 beside them
+(`digits_classifier-v1.pt`, `digits_classifier-v1.sha256`), as Inception's weights are pinned. Runs
+only read them; retraining is the explicit command
+
+    python -m ddt.models.digits_classifier --version v2     # writes a new version, never overwrites
+
+and results.json records the SHA-256 of the file that scored a run.
 """
 from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+SHIPPED_VERSION = "v1"  # the version eval.digits_classifier defaults to
 
 
 class DigitsClassifier(nn.Module):
@@ -57,3 +71,63 @@ def train_digits_classifier(images: torch.Tensor, labels: torch.Tensor, *, seed:
     with torch.no_grad():
         accuracy = (model(images[test])[1].argmax(1) == labels[test]).float().mean().item()
     return model, accuracy
+
+
+def weights_path(version: str) -> Path:
+    """The shipped weights file of a classifier version."""
+    return ASSETS / f"digits_classifier-{version}.pt"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def shipped_weights(version: str = SHIPPED_VERSION) -> tuple[Path, str]:
+    """(path, sha256) of a shipped classifier version, after checking the file against its recorded hash."""
+    path, digest_file = weights_path(version), weights_path(version).with_suffix(".sha256")
+    if not path.is_file() or not digest_file.is_file():
+        known = sorted(p.stem.removeprefix("digits_classifier-") for p in ASSETS.glob("digits_classifier-*.pt"))
+        raise FileNotFoundError(f"eval.digits_classifier={version}: {path} (and its .sha256) is not in the "
+                                f"repository; shipped versions: {known}. Create a new one with "
+                                f"`python -m ddt.models.digits_classifier --version {version}`")
+    expected, actual = digest_file.read_text().split()[0], file_sha256(path)
+    if actual != expected:
+        raise ValueError(f"{path} has SHA-256 {actual} but {digest_file.name} records {expected}: the file was "
+                         f"changed or damaged; restore it from git (git checkout -- {path.name})")
+    return path, actual
+
+
+def write_version(version: str, images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[Path, str, float]:
+    """Train a classifier and ship it as a new version (refuses to replace one); returns path, sha256, accuracy."""
+    from ddt.checkpoint import atomic_save, atomic_write_bytes
+
+    path = weights_path(version)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: versions are never overwritten (results record their hash); "
+                              f"choose another --version")
+    model, accuracy = train_digits_classifier(images, labels, seed=seed)
+    config = {"num_classes": model.logits.out_features, "feature_dim": model.features.out_features}
+    atomic_save({"config": config, "state_dict": model.state_dict(), "test_accuracy": accuracy,
+                 "seed": seed, "version": version}, path)
+    digest = file_sha256(path)
+    atomic_write_bytes(path.with_suffix(".sha256"), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    return path, digest, accuracy
+
+
+def main() -> None:
+    """Command line: train and ship a new classifier version."""
+    parser = argparse.ArgumentParser(description="Train the digits FID/IS feature extractor and ship it as a "
+                                                 "new version in ddt/assets/ (select it with eval.digits_classifier).")
+    parser.add_argument("--version", required=True, help="new version name, e.g. v2")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=16)
+    args = parser.parse_args()
+    from ddt.data.digits import load_digits  # only the command needs the data
+
+    path, digest, accuracy = write_version(args.version, *load_digits(args.image_size), seed=args.seed)
+    print(f"wrote {path} (held-out accuracy {accuracy:.4f}, sha256 {digest}); use eval.digits_classifier={args.version}")
+
+
+if __name__ == "__main__":
+    main()
