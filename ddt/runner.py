@@ -442,7 +442,8 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
         return
     metrics = _metrics(plain, parts, point_dir / "samples")
     point = {"step": step, **metrics, "num_samples": num_samples, "final": False,
-             "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"]}
+             "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
+             "world_size": stats["world_size"]}
     record_point(results, point)
     tracker.curve(point)
     log.info("curve point at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -491,7 +492,8 @@ def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Part
     if step is not None:  # the final point of the curve (an official checkpoint has no step)
         point = {"step": step, **metrics, "num_samples": ev["num_samples"], "final": True,
                  "wall_time_s": round(results.data["sample"]["wall_time_s"] + seconds, 3),
-                 "sample_wall_time_s": results.data["sample"]["wall_time_s"]}
+                 "sample_wall_time_s": results.data["sample"]["wall_time_s"],
+                 "world_size": results.data["sample"]["world_size"]}
         record_point(results, point)
         tracker.curve(point)
     tracker.summary(metrics)

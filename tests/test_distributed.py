@@ -121,12 +121,14 @@ def test_batch_not_divisible_by_ranks_is_refused():
 
 
 def test_torchrun_two_ranks_end_to_end(tmp_path, cache_dir):
-    """`torchrun --nproc-per-node 2 launch.py`: one run directory, written by rank 0, with 2-rank sampling."""
+    """`torchrun --nproc-per-node 2 launch.py`: one run directory, written by rank 0, with 2-rank sampling
+    for the curve point at step 2 and for the final evaluation."""
     run_dir = tmp_path / "run"
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), str(ROOT / "launch.py"),
            "train.max_steps=4", "train.batch_size=16", "train.ckpt_every=2", "eval.num_samples=20",
-           "sampler.num_steps=4", "sampler.batch_size=10", "progress=false", f"hydra.run.dir={run_dir}"]
+           "sampler.num_steps=4", "sampler.batch_size=10", "eval.every_steps=2", "progress=false",
+           f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -135,4 +137,7 @@ def test_torchrun_two_ranks_end_to_end(tmp_path, cache_dir):
     assert results["train"]["world_size"] == 2 and results["train"]["step"] == 4
     assert results["sample"]["world_size"] == 2 and len(list((run_dir / "samples").glob("*.png"))) == 20
     assert results["metrics"]["fid"] > 0
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt", "step_2.pt"]
+    assert [(p["step"], p["final"]) for p in results["curve"]] == [(2, False), (4, True)]
+    assert len(list((run_dir / "curve" / "step_0000002" / "samples").glob("*.png"))) == 20
+    assert results["curve"][0]["num_samples"] == 20 and results["curve"][0]["world_size"] == 2

@@ -55,6 +55,9 @@ def test_studies_set_what_the_paper_used(compose):
     b = [validate(compose("+experiment=encoder_ratio_b", p[0], "data.root=/d")) for p in sweep_points("encoder_ratio_b")]
     assert [c["model"]["encoder_depth"] for c in b] == [4, 6, 8, 10]
     assert all(c["model"]["depth"] == 12 and c["repa"]["enabled"] and c["resolution"]["image_size"] == 256 for c in b)
+    # the paper's curve protocol: FID-50K (no CFG) at 100K, 200K, 300K and the final 400K step
+    assert all(c["eval"]["every_steps"] == 100_000 and c["eval"]["curve_num_samples"] == c["eval"]["num_samples"]
+               == 50_000 and c["train"]["max_steps"] == 400_000 and c["sampler"]["cfg_scale"] == 1.0 for c in b)
     l = validate(compose("+experiment=encoder_ratio_l", "model.encoder_depth=16", "data.root=/d"))
     assert l["model"]["depth"] == 24 and l["model"]["decoder_depth"] == 8 and l["repa"]["align_layer"] == 8
     on, off = (validate(compose("+experiment=repa", f"repa={v}", "data.root=/d")) for v in ("on", "off"))
@@ -62,6 +65,8 @@ def test_studies_set_what_the_paper_used(compose):
     q = [validate(compose("+experiment=quickstart_ratio", p[0])) for p in sweep_points("quickstart_ratio")]
     assert [c["model"]["encoder_depth"] for c in q] == [4, 8, 12, 16, 20, 22, 24]
     assert all(c["model"]["depth"] == 28 and c["data"]["name"] == "digits" for c in q)
+    assert all(c["eval"]["every_steps"] == 100 and c["train"]["max_steps"] == 500 for c in q)
+    assert l["eval"]["every_steps"] == 100_000 and l["eval"]["curve_num_samples"] == 50_000
     s = validate(compose("+experiment=sharing", "sampler.sharing=dp", "sampler.num_recompute=50", NEEDS["ckpt"]))
     assert s["stage"] == ["sample", "evaluate"] and s["sampler"]["cfg_scale"] == 2.0 and s["model"]["depth"] == 28
     x512 = validate(compose("+experiment=xl_512", NEEDS["ckpt"], "data.root=/d"))
