@@ -1,4 +1,4 @@
-"""Shared fixtures: offline environment, one digits-classifier cache per session, config composition."""
+"""Shared fixtures: offline environment, one feature-statistics cache per session, config composition."""
 import os
 import subprocess
 import sys
@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A cache shared by the whole session, so the digits classifier is trained once."""
+    """A cache shared by the whole session, so the digits reference features are extracted once."""
     path = tmp_path_factory.mktemp("ddt-cache")
     os.environ["DDT_CACHE_DIR"] = str(path)
     return path

@@ -130,3 +130,22 @@ def test_fid_against_a_reference_npz_equals_fid_from_the_raw_features(digits, cl
         calculate_metrics(samples, tmp_path / "bad.npz", reference_name="bad", **kwargs)
     with pytest.raises(FileNotFoundError, match="VIRTUAL_imagenet256_labeled.npz.*eval.reference_npz"):
         calculate_metrics(samples, tmp_path / "VIRTUAL_imagenet256_labeled.npz", reference_name="x", **kwargs)
+
+
+def test_a_stop_request_ends_sampling_after_the_batch_and_the_rerun_writes_only_the_rest(tmp_path):
+    """What a preemption signal during a curve point does: the images written so far stay, nothing is redone."""
+    from ddt.evaluate import generate_samples
+    from ddt.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=2, encoder_depth=1,
+                        num_classes=10).eval()
+    kwargs = dict(num_samples=12, batch_size=4, seed=0, latent_shape=(3, 16, 16), progress=False,
+                  sampler_kwargs={"num_steps": 2, "cfg_scale": 1.0})
+    calls = []
+    first = generate_samples(model, tmp_path, stop=lambda: calls.append(1) or len(calls) > 2, **kwargs)
+    assert first["stopped"] and first["generated"] == 8 and len(list(tmp_path.glob("*.png"))) == 8
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.png")}
+    rest = generate_samples(model, tmp_path, **kwargs)
+    assert not rest["stopped"] and rest["generated"] == 4 and len(list(tmp_path.glob("*.png"))) == 12
+    assert {n: (tmp_path / n).stat().st_mtime_ns for n in stamps} == stamps
