@@ -48,10 +48,14 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
+def digest(obj) -> str:
+    """12 hex digits of the SHA-256 of a JSON-able object (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def config_id(plain: dict) -> str:
     """Hash of the resolved config without seed, run names and logging keys: the group of a run's seeds."""
-    kept = {k: v for k, v in plain.items() if k not in NOT_CONFIG_ID_KEYS}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digest({k: v for k, v in plain.items() if k not in NOT_CONFIG_ID_KEYS})
 
 
 def stages(cfg: DictConfig) -> list[str]:

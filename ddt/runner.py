@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import config_id, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import config_id, digest, model_kwargs, sampler_kwargs, stages, validate
 from ddt.data.latents import cache_latents
 from ddt.data.pixels import to_uint8
 from ddt import distributed
@@ -234,6 +234,8 @@ def summary_line(results: dict) -> str:
 def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, run_dir: Path,
                 results: Results, tracker) -> None:
     parts = prepare(plain, todo)  # every file a stage needs is found now, before any work
+    if parts.extractor is not None:
+        set_aside_stale_points(results, point_settings(plain, parts.extractor))
     if "cache_latents" in todo:
         _cache_latents(plain, parts, device, results)
     step = _train(plain, model, run_dir, results, tracker, parts) if "train" in todo else None
@@ -407,6 +409,24 @@ def kept_steps(run_dir: Path) -> list[int]:
     return sorted(int(n) for n in names if n.isdigit())
 
 
+def point_settings(plain: dict, extractor: dict) -> str:
+    """What a curve point's numbers depend on besides the weights: sampler, metrics, seed and extractor."""
+    ev = {k: v for k, v in plain["eval"].items() if k != "every_steps"}
+    key = {"sampler": plain["sampler"], "eval": ev, "seed": plain["seed"], "extractor": extractor.get("sha256")}
+    return digest(key)
+
+
+def set_aside_stale_points(results: Results, settings: str) -> None:
+    """Move curve points made with other sampler/metric settings to `curve_stale` (kept, not mixed in)."""
+    curve = results.data.get("curve", [])
+    stale = [p for p in curve if p.get("settings") != settings]
+    if stale:
+        log.warning("%d curve point(s) were made with other sampler or eval settings; moved to curve_stale in "
+                    "results.json and recomputed where checkpoints allow", len(stale))
+        results.update(curve=[p for p in curve if p.get("settings") == settings],
+                       curve_stale=results.data.get("curve_stale", []) + stale)
+
+
 def record_point(results: Results, point: dict) -> None:
     """Add a curve point keyed by step: never two points for one step; the final evaluation's point wins."""
     points = {p["step"]: p for p in results.data.get("curve", [])}
@@ -442,6 +462,7 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
         return
     metrics = _metrics(plain, parts, point_dir / "samples")
     point = {"step": step, **metrics, "num_samples": num_samples, "final": False,
+             "settings": point_settings(plain, parts.extractor),
              "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
              "world_size": stats["world_size"]}
     record_point(results, point)
@@ -491,6 +512,7 @@ def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Part
     step = (results.data.get("sample") or {}).get("step")
     if step is not None:  # the final point of the curve (an official checkpoint has no step)
         point = {"step": step, **metrics, "num_samples": ev["num_samples"], "final": True,
+                 "settings": point_settings(plain, parts.extractor),
                  "wall_time_s": round(results.data["sample"]["wall_time_s"] + seconds, 3),
                  "sample_wall_time_s": results.data["sample"]["wall_time_s"],
                  "world_size": results.data["sample"]["world_size"]}

@@ -96,6 +96,12 @@ def test_stage_curve_fills_in_exactly_the_missing_points_from_kept_checkpoints(t
     log = proc.stdout + proc.stderr
     assert "curve point at step 8" in log and "curve point at step 4" not in log
 
+    # Points made with another sampler are set aside (kept in curve_stale), not mixed into the curve.
+    launch(*SHORT, "train.keep_every=4", "stage=curve", "sampler.cfg_scale=1.0", f"hydra.run.dir={run_dir}")
+    r = results(run_dir)
+    assert [p["step"] for p in r["curve"]] == [4, 8, 12] and [p["step"] for p in r["curve_stale"]] == [4, 8, 12]
+    assert r["curve_stale"][0]["fid"] == again[0]["fid"] and r["curve"][0]["fid"] != again[0]["fid"]
+
 
 def test_config_id_is_shared_by_seeds_and_nothing_else(compose):
     base = config_id(validate(compose()))

@@ -1,0 +1,367 @@
+"""The config schema: every key's type, allowed values, range and meaning, written once.
+
+The YAML files in conf/ stay the user interface; these dataclasses (one per config group, plus the
+top-level keys) say what each key may hold. `check_types` walks a composed config against them and
+returns every problem at once, one line each, naming the key, the value, what is allowed and the
+closest valid key for a typo; cross-key rules live in ddt.config. We check ourselves rather than
+merging into `OmegaConf.structured` because OmegaConf stops at the first error and cannot express
+ranges. `python -m ddt.schema` prints the configuration reference (docs/configuration.md is that
+output; a test keeps the two equal).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+MISSING = dataclasses.MISSING
+
+
+def key(help: str, default: Any = MISSING, **limits: float) -> Any:
+    """A schema field: its help text, default (none: required) and limits (ge, gt, le, lt)."""
+    kwargs = {"metadata": {"help": help, **limits}}
+    if isinstance(default, list):
+        kwargs["default_factory"] = lambda: list(default)
+    elif default is not MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass
+class ModelSchema:
+    """The network (`model` group; `baseline` sets the block options)."""
+
+    preset: str = key("name of the size preset (S, B, L, XL, quickstart)")
+    depth: int = key("total number of transformer blocks", ge=1)
+    hidden_size: int = key("width of every block", ge=1)
+    num_heads: int = key("attention heads; hidden_size / num_heads must be a multiple of 4 (2-D RoPE)", ge=1)
+    encoder_depth: int = key("blocks of the condition encoder; the rest form the velocity decoder", ge=1)
+    decoder_depth: int = key("derived: depth - encoder_depth (do not set)", ge=1)
+    patch_size: int = key("patch size of both patch embedders", ge=1)
+    in_channels: int = key("image or latent channels (from resolution.channels)", ge=1)
+    num_classes: int = key("class labels (from data.num_classes); one more row is the null class", ge=1)
+    repa_align_layer: int = key("the block REPA aligns for this size when repa=on (4 for S/B, 8 for L/XL)", ge=1)
+    arch: Literal["ddt", "sit"] = key("ddt (decoupled) or sit (Improved-SiT: one stack, no self-condition)", "ddt")
+    norm: Literal["rmsnorm", "layernorm"] = key("block normalisation", "rmsnorm")
+    ffn: Literal["swiglu", "mlp"] = key("feed-forward: SwiGLU (2/3*4*D, no biases) or DiT's GELU MLP", "swiglu")
+    pos: Literal["rope", "sincos"] = key("position encoding: 2-D RoPE or DiT's fixed sin-cos", "rope")
+    qk_norm: bool = key("RMSNorm on queries and keys", True)
+
+
+@dataclass
+class ResolutionSchema:
+    """Image and latent size, and the codec between them (`resolution` group)."""
+
+    image_size: int = key("image side in pixels", ge=1)
+    latent_size: int = key("side of what the network sees (image_size / 8 through the SD-VAE)", ge=1)
+    channels: int = key("channels of what the network sees (3 pixels, 4 SD-VAE latents)", ge=1)
+    vae: Optional[str] = key("SD-VAE hub name or local save_pretrained folder; null = pixel space", None)
+    adm_reference: Optional[str] = key("file name of the ADM reference batch in cache_dir", None)
+
+
+@dataclass
+class DataSchema:
+    """The training data (`data` group)."""
+
+    name: Literal["digits", "imagenet", "imagenet_latents"] = key("which dataset")
+    num_classes: int = key("number of classes", ge=1)
+    num_workers: int = key("DataLoader processes", 0, ge=0)
+    root: Optional[str] = key("image folder root/<class>/<image> (ImageNet train)", None)
+    latents_dir: Optional[str] = key("SD-VAE latent cache folder (data=imagenet_latents)", None)
+    shard_size: int = key("images per latent-cache shard", 1000, ge=1)
+    cache_batch_size: int = key("images per VAE forward while caching", 64, ge=1)
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = key("dtype of the cached latents", "float32")
+    cache_rank: Optional[int] = key("this task's share of the shards; null = SLURM array task / rank", None, ge=0)
+    cache_world_size: Optional[int] = key("tasks sharing the cache work; null = SLURM array size / world size",
+                                          None, ge=1)
+
+
+@dataclass
+class TrainSchema:
+    """The optimisation (`train` group)."""
+
+    max_steps: int = key("training steps (0: the untrained model)", ge=0)
+    batch_size: int = key("global batch, split across ranks", ge=1)
+    lr: float = key("AdamW learning rate (constant)", gt=0)
+    betas: list[float] = key("AdamW betas, each in [0, 1)", [0.9, 0.95])
+    weight_decay: float = key("AdamW weight decay", 0.0, ge=0)
+    ema_decay: float = key("EMA decay per step", 0.9999, gt=0, lt=1)
+    time_distribution: Literal["lognorm", "uniform"] = key("training time sampling", "lognorm")
+    label_dropout: float = key("probability of the null label (classifier-free guidance)", 0.1, ge=0, lt=1)
+    ckpt_every: int = key("checkpoints/last.pt cadence in steps", 10_000, ge=1)
+    keep_every: int = key("also keep checkpoints/step_N.pt on this cadence (0 = never)", 0, ge=0)
+    log_every: int = key("log cadence in steps", 100, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = key("auto = bf16 autocast on GPU, fp32 on CPU", "auto")
+    compile: bool = key("torch.compile the blocks", False)
+    activation_checkpointing: bool = key("recompute block activations in backward (memory for time)", False)
+
+
+@dataclass
+class SamplerSchema:
+    """The ODE/SDE sampler and encoder sharing (`sampler` group)."""
+
+    solver: Literal["euler", "heun", "sde"] = key("solver")
+    num_steps: int = key("sampling steps", ge=1)
+    cfg_scale: float = key("classifier-free guidance scale (1.0 = none)", 1.0, ge=0)
+    cfg_interval: list[float] = key("guidance only where cfg_interval[0] < t < cfg_interval[1]", [0.0, 1.0])
+    timeshift: float = key("t -> t / (t + (1 - t) * timeshift)", 1.0, gt=0)
+    last_step: Optional[float] = key("size of the final step; null = 1 / num_steps", None, gt=0, lt=1)
+    batch_size: int = key("images per sampling batch per rank", 250, ge=1)
+    compile: bool = key("torch.compile the blocks for sampling", False)
+    sharing: Literal["none", "uniform", "dp"] = key("encoder sharing schedule", "none")
+    num_recompute: Optional[int] = key("K encoder passes of num_steps; required by uniform and dp", None, ge=1)
+    fresh_timestep: bool = key("reused encoder state combined with the current step's timestep", False)
+    dp_template_size: int = key("images sampled without sharing to measure step similarities (dp)", 8, ge=1)
+    sde_diffusion: Optional[float] = key("SDE diffusion w: w(t) = sde_diffusion * (1 - t) (solver=sde)", None, ge=0)
+
+
+@dataclass
+class EvalSchema:
+    """Sample counts and metrics (`eval` group)."""
+
+    name: Literal["fid_digits", "fid_imagenet", "none"] = key("which evaluation")
+    num_samples: int = key("images the sample stage writes and the final point scores", ge=1)
+    feature_extractor: Optional[Literal["digits-classifier", "inception-v3-compat"]] = key(
+        "torch-fidelity feature extractor", None)
+    digits_classifier: Optional[str] = key("shipped digits classifier version (ddt/assets)", None)
+    inception_weights: Optional[str] = key("local Inception-v3 .pth; null = cache_dir, downloaded if missing", None)
+    reference: Optional[Literal["dataset", "adm_npz"]] = key("statistics of the data's images or the ADM npz", None)
+    reference_npz: Optional[str] = key("ADM reference batch; null = cache_dir/resolution.adm_reference", None)
+    prc: bool = key("precision and recall", False)
+    kid: bool = key("kernel inception distance (unbiased)", False)
+    feature_batch_size: int = key("images per feature-extraction batch", 250, ge=1)
+    every_steps: int = key("curve points every N training steps (0 = only at the end)", 0, ge=0)
+    curve_num_samples: Optional[int] = key("samples per intermediate curve point; null = num_samples", None, ge=1)
+
+
+@dataclass
+class RepaSchema:
+    """Representation alignment (`repa` group)."""
+
+    enabled: bool = key("REPA on or off")
+    target_encoder: Optional[str] = key("timm name of the frozen target encoder", None)
+    target_weights: Optional[str] = key("local model.safetensors; null = Hugging Face hub", None)
+    target_kwargs: Optional[dict] = key("extra timm.create_model arguments", None)
+    align_layer: Optional[int] = key("1-based block whose output is aligned", None, ge=1)
+    projector_dim: Optional[int] = key("hidden width of the 3-layer projector", None, ge=1)
+    weight: Optional[float] = key("weight of the 1 - cos loss", None, ge=0)
+
+
+@dataclass
+class LoggerSchema:
+    """Experiment tracking (`logger` group)."""
+
+    backend: Literal["none", "wandb"] = key("tracker")
+    project: Optional[str] = key("W&B project", None)
+    entity: Optional[str] = key("W&B team or user; null = the API key's default", None)
+    mode: Optional[Literal["online", "offline", "disabled"]] = key("W&B mode", None)
+    group: Optional[str] = key("W&B group; null = the study <name>-<time>", None)
+    tags: list[str] = key("W&B tags (the experiment's)", [])
+    sample_every: int = key("EMA sample grid cadence in steps (0 = never)", 0, ge=0)
+    grid_size: int = key("images in the EMA sample grid", 16, ge=1)
+
+
+@dataclass
+class RootSchema:
+    """Top-level keys and the groups."""
+
+    model: ModelSchema
+    resolution: ResolutionSchema
+    data: DataSchema
+    train: TrainSchema
+    sampler: SamplerSchema
+    eval: EvalSchema
+    repa: RepaSchema
+    logger: LoggerSchema
+    name: str = key("run folders: runs/<name>/<overrides>/")
+    stage: list[Literal["cache_latents", "train", "curve", "sample", "evaluate"]] = key(
+        "stages to run: a name or a list (evaluate implies sample)",
+                           ["train", "sample", "evaluate"])
+    ckpt: Optional[str] = key("checkpoint to start training from or to sample/evaluate", None)
+    ckpt_ema: bool = key("use the checkpoint's EMA weights (false: the raw training weights)", True)
+    seed: int = key("model init, data order and sampling noise", 0, ge=0)
+    device: str = key("auto (cuda if available), cpu, cuda or cuda:N", "auto")
+    cache_dir: str = key("reference statistics, Inception weights, latent cache", ".cache/ddt")
+    progress: bool = key("progress bars (log lines when stderr is not a terminal)", True)
+    tags: list[str] = key("labels of the study", [])
+    paper: Optional[dict] = key("published numbers of an experiment (recorded, not used)", None)
+
+
+GROUPS = {name: tp for name, tp in typing.get_type_hints(RootSchema).items() if dataclasses.is_dataclass(tp)}
+
+
+#################################################################################
+#                                Type checks                                    #
+#################################################################################
+
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _describe(tp: Any) -> str:
+    """A type as the user writes it: `int`, `one of a, b`, `a list of float`, `... or null`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        inner = [a for a in args if a is not type(None)]
+        return f"{_describe(inner[0])} or null"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        tp, str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return value is None or any(_fits(value, a) for a in args if a is not type(None))
+    if origin is Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _limits(name: str, value: Any, meta: dict) -> str | None:
+    """The range a number breaks, as `must be > 0`, or None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    bounds = {"ge": (">=", lambda a, b: a >= b), "gt": (">", lambda a, b: a > b),
+              "le": ("<=", lambda a, b: a <= b), "lt": ("<", lambda a, b: a < b)}
+    broken = [f"{sign} {meta[k]:g}" for k, (sign, ok) in bounds.items() if k in meta and not ok(value, meta[k])]
+    if not broken:
+        return None
+    allowed = " and ".join(f"{sign} {meta[k]:g}" for k, (sign, _) in bounds.items() if k in meta)
+    return f"{name}={value} is out of range: it must be {allowed} ({meta['help']})"
+
+
+def closest(name: str, candidates: list[str]) -> str:
+    """`; did you mean X?` for the nearest candidate, or nothing."""
+    match = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def all_keys() -> list[str]:
+    """Every dotted key the schema knows."""
+    out = []
+    for f in dataclasses.fields(RootSchema):
+        if f.name in GROUPS:
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(GROUPS[f.name])]
+        else:
+            out.append(f.name)
+    return out
+
+
+def _value(cfg: DictConfig, dotted: str) -> tuple[Any, str | None]:
+    """The resolved value of one key, or the reason it cannot be resolved."""
+    try:
+        node = OmegaConf.select(cfg, dotted, throw_on_resolution_failure=True, throw_on_missing=True)
+    except Exception as err:  # an interpolation that fails (e.g. a derived key of a bad value)
+        return None, f"{dotted} cannot be resolved: {str(err).splitlines()[0]}"
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True), None
+    return node, None
+
+
+def _check_schema(cfg: DictConfig, prefix: str, schema: type, problems: list[str], failed: set[str]) -> None:
+    hints = _hints(schema)
+    node = OmegaConf.select(cfg, prefix) if prefix else cfg
+    known = {f.name for f in dataclasses.fields(schema)}
+    present = set(node.keys()) if isinstance(node, DictConfig) else set()
+    for unknown in sorted(present - known - ({"hydra"} if not prefix else set())):
+        full = f"{prefix}.{unknown}" if prefix else unknown
+        problems.append(f"{full} is not a config key{closest(full, all_keys())} "
+                        f"(the keys are listed in docs/configuration.md)")
+        failed.add(full)
+    for f in dataclasses.fields(schema):
+        full = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in GROUPS and not prefix:
+            continue
+        if f.name not in present:
+            if f.default is MISSING and f.default_factory is MISSING:
+                problems.append(f"{full} is missing: the {prefix or 'top-level'} config must set it ({f.metadata['help']})")
+                failed.add(full)
+            continue
+        value, error = _value(cfg, full)
+        if error:
+            if not any(error.startswith(k) or k in error for k in failed):
+                problems.append(error)
+            failed.add(full)
+            continue
+        tp = hints[f.name]
+        if full == "stage" and isinstance(value, str):
+            value = [value]
+        if not _fits(value, tp):
+            problems.append(f"{full}={_show(value)} is not {_describe(tp)} ({f.metadata['help']})")
+            failed.add(full)
+            continue
+        broken = _limits(full, value, f.metadata)
+        if broken:
+            problems.append(broken)
+            failed.add(full)
+
+
+def _show(value: Any) -> str:
+    return OmegaConf.to_yaml(value).strip() if isinstance(value, (list, dict)) else repr(value) if isinstance(
+        value, str) else str(value)
+
+
+def check_types(cfg: DictConfig) -> tuple[list[str], set[str]]:
+    """Every unknown key, missing key, wrong type, choice and range in a composed config; and the keys at fault."""
+    problems: list[str] = []
+    failed: set[str] = set()
+    # Keys the user sets are checked before the derived ones, so `encoder_depth=abc` is named as such.
+    _check_schema(cfg, "", RootSchema, problems, failed)
+    for group, schema in GROUPS.items():
+        if OmegaConf.select(cfg, group) is None:
+            problems.append(f"the {group} group is missing from the config")
+            continue
+        _check_schema(cfg, group, schema, problems, failed)
+    derived_failures = [p for p in problems if "cannot be resolved" in p]
+    if len(derived_failures) < len(problems):  # a derived key fails because of a bad input named already
+        problems = [p for p in problems if "cannot be resolved" not in p]
+    return problems, failed
+
+
+#################################################################################
+#                               The reference                                   #
+#################################################################################
+
+def reference_markdown() -> str:
+    """The configuration reference: one table per group, generated from the schema."""
+    lines = ["# Configuration reference", "",
+             "Generated by `python -m ddt.schema` from `ddt/schema.py` (a test keeps this page equal to its output).",
+             "Every key can be overridden on the command line (`python launch.py train.lr=3e-4`); `conf/` holds the",
+             "YAML files that give the values. A key left out of a YAML file takes the default below; a key marked",
+             "*required* must be set by the group's YAML file.", ""]
+    for title, prefix, schema in [("Top-level keys", "", RootSchema), *((f"`{g}`", g, s) for g, s in GROUPS.items())]:
+        lines += [f"## {title}", "", (schema.__doc__ or "").strip(), "", "| key | type | default | range | meaning |",
+                  "|---|---|---|---|---|"]
+        hints = _hints(schema)
+        for f in dataclasses.fields(schema):
+            if f.name in GROUPS and not prefix:
+                continue
+            default = "*required*" if f.default is MISSING and f.default_factory is MISSING else _show(
+                f.default_factory() if f.default is MISSING else f.default)
+            meta = f.metadata
+            rng = ", ".join(f"{s} {meta[k]:g}" for k, s in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                            if k in meta)
+            name = f"{prefix}.{f.name}" if prefix else f.name
+            kind = _describe(hints[f.name]).replace("|", "\\|")
+            lines.append(f"| `{name}` | {kind} | {default.replace('|', chr(92) + '|')} | {rng} | {meta['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())
