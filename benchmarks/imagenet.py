@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.run import machine, sync
+from benchmarks.common import machine, sync, write_folder
 from ddt.data.imagenet import ImageFolder
 from ddt.data.latents import LatentDataset, cache_latents
 from ddt.models import build_ddt
@@ -32,19 +32,6 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncod
                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                      layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=256,
                      scaling_factor=0.18215)
-
-
-def write_folder(root: Path, n: int, classes: int = 10) -> ImageFolder:
-    """n random 375x500 JPEGs (ImageNet's typical size) in `classes` class folders."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        folder = root / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        low = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
-        Image.fromarray(low).resize((500, 375), Image.BICUBIC).save(folder / f"{i}.JPEG", quality=90)
-    return root
 
 
 def bench_cache(args, device: torch.device, tmp: Path) -> dict:

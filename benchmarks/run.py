@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -28,16 +27,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine, sync
 from benchmarks.flops import count_flops, model_flops
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peak (FLOP/s) of the GPUs we report MFU for, from the vendors' data sheets.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
@@ -81,20 +76,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, seconds: float
     while time.perf_counter() - start < seconds:
         best = max(best, 2 * n**3 / min(timed(lambda: a @ b, device, 3)))
     return best
-
-
-def machine(device: torch.device) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    out = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "python": platform.python_version()}
-    if device.type == "cuda":
-        out["gpu"] = torch.cuda.get_device_name(device)
-    return out
 
 
 #################################################################################
@@ -254,7 +235,7 @@ def measure_eval(p: dict, device: torch.device) -> dict:
 
 def measure_data(p: dict, device: torch.device) -> dict:
     """Latent-cache read images/s through the training DataLoader (StepBatches order, memory-mapped shards)."""
-    from benchmarks.imagenet import write_folder
+    from benchmarks.common import write_folder
     from benchmarks.random_weights import save_tiny_vae
     from ddt.data.imagenet import ImageFolder
     from ddt.data.latents import LatentDataset, cache_latents

@@ -9,6 +9,7 @@ replaced by inert placeholders so the tensors can be read.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from ddt.errors import UsageError
 
 OFFICIAL_PREFIXES = ("ema_denoiser.", "denoiser.")
 OFFICIAL_PROJECTOR_PREFIX = "diffusion_trainer.proj.0."
@@ -42,9 +45,21 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
+def finite(obj: Any) -> Any:
+    """obj with every NaN or infinite float replaced by None (strict JSON has neither)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON through a temp file and rename."""
-    atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False).encode()))
+    """Write strict JSON (non-finite numbers become null) through a temp file and rename."""
+    text = json.dumps(finite(obj), indent=2, sort_keys=False, allow_nan=False)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
 class _Inert(dict):
@@ -77,20 +92,24 @@ def required_file(value: str, key: str, where_from: str) -> Path:
     return path
 
 
-def load(path: str | Path) -> dict:
-    """Load a checkpoint without unpickling arbitrary objects (foreign classes become placeholders)."""
+def load(path: str | Path, mmap: bool = False) -> dict:
+    """Load a checkpoint without unpickling arbitrary objects (foreign classes become placeholders).
+
+    mmap=True maps the tensors instead of reading them (a cheap look at a large file).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise UsageError(f"checkpoint {path} does not exist")
     try:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:  # foreign classes (Lightning's): read the tensors, run nothing
             with torch.serialization.safe_globals(_inert_globals(path)):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # corrupt or truncated file
-        raise RuntimeError(f"cannot load checkpoint {path}: {err}. It may be truncated or not a "
-                           f"state-dict checkpoint; delete it or point ckpt= at another file") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"{path} is not a readable checkpoint ({reason}): it may be truncated or not a "
+                         f"torch state dict; delete it or point ckpt= at another file") from err
 
 
 def official_denoiser_state_dict(state_dict: Mapping[str, torch.Tensor],

@@ -18,6 +18,7 @@ from ddt.data.latents import LatentDataset
 from ddt.data.pixels import ImageTensors
 from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, inception_weights_path)
 from ddt.checkpoint import load
+from ddt.errors import UsageError
 from ddt.models.digits_classifier import file_sha256, shipped_weights
 from ddt.models.repa import RepaLoss, TargetEncoder
 from ddt.models.vae import LatentCodec
@@ -117,21 +118,37 @@ def evaluation_reference(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] 
 
 
 def prepare(plain: dict, todo: list[str]) -> Parts:
-    """Load or find everything the stages in `todo` need, failing before any work is done."""
-    parts = Parts()
+    """Load or find everything the stages in `todo` need, before any work is done.
+
+    Every missing or unreadable file is reported together (one UsageError, a line each), so a
+    cluster user fixes the VAE, the DINOv2 weights and the data folder in one go.
+    """
+    parts, problems = Parts(), []
+
+    def attempt(load, *args):
+        try:
+            return load(*args)
+        except UsageError as err:
+            problems.extend(err.problems)
+        except (OSError, ValueError, RuntimeError) as err:  # a library's own message names the file or key
+            problems.append(" ".join(str(err).split()) or f"{type(err).__name__} in {load.__name__}")
+        return None
+
     data, ev = plain["data"], plain["eval"]
     curve = "curve" in todo or ("train" in todo and ev.get("every_steps"))
     evaluating = ev["name"] != "none" and ("evaluate" in todo or curve)
     digits = load_digits(plain["resolution"]["image_size"]) if data["name"] == "digits" else None
     if evaluating:
-        parts.extractor = feature_extractor(plain)
-        parts.reference, parts.reference_name = evaluation_reference(plain, digits)
+        parts.extractor = attempt(feature_extractor, plain)
+        parts.reference, parts.reference_name = attempt(evaluation_reference, plain, digits) or (None, "")
     if "cache_latents" in todo:
-        parts.image_folder = ImageFolder(data["root"], plain["resolution"]["image_size"])
+        parts.image_folder = attempt(ImageFolder, data["root"], plain["resolution"]["image_size"])
     if "train" in todo:
-        parts.train_data, scaling_factor = training_data(plain, digits)
+        parts.train_data, scaling_factor = attempt(training_data, plain, digits) or (None, None)
     if {"cache_latents", "sample"} & set(todo) or curve or ("train" in todo and data["name"] == "imagenet"):
-        parts.codec = load_codec(plain)
-    if "train" in todo:
-        parts.objective = build_objective(plain, parts.codec, scaling_factor)
+        parts.codec = attempt(load_codec, plain)
+    if "train" in todo:  # also when the data or VAE failed: a missing DINOv2 file is reported with them
+        parts.objective = attempt(build_objective, plain, parts.codec, scaling_factor)
+    if problems:
+        raise UsageError(problems)
     return parts

@@ -1,16 +1,22 @@
 """Checks and conversions between a composed OmegaConf config and the library's plain arguments.
 
 The library below this module takes plain Python values; this is the one place that knows the
-config's key names, so every error here names the key at fault.
+config's key names. `validate` checks every key against the schema (ddt.schema: types, choices,
+ranges, unknown keys) and then the rules that span keys, and reports all problems together as one
+UsageError, one line each, naming the key at fault.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
+from typing import Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ddt.sampling import SHARING, SOLVERS
+from ddt.errors import UsageError
+from ddt.schema import check_types
 
 STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
 
@@ -19,16 +25,16 @@ NOT_CONFIG_ID_KEYS = ("seed", "name", "cache_dir", "progress", "device", "logger
 
 
 def _decoder_depth(depth: int, encoder_depth: int) -> int:
-    if not 0 < int(encoder_depth) < int(depth):
-        raise ValueError(f"model.encoder_depth={encoder_depth} is impossible for model.depth={depth}: "
-                         f"it must be between 1 and {int(depth) - 1} so that the decoder keeps at least "
-                         f"one block")
+    """`${ddt.decoder_depth:...}`: depth - encoder_depth (validate says when that is impossible)."""
     return int(depth) - int(encoder_depth)
 
 
 def run_subdir(override_dirname: str, max_length: int = 200) -> str:
     """A flat folder name for a run from its overrides (`default` when there are none)."""
-    name = override_dirname.replace("/", "_").replace("\\", "_") or "default"
+    items = override_dirname.split(",") if override_dirname else []
+    if "sampler.sharing=none" in items:  # num_recompute means nothing without sharing: not in the name
+        items = [i for i in items if not i.startswith("sampler.num_recompute=")]
+    name = ",".join(items).replace("/", "_").replace("\\", "_") or "default"
     if len(name) > max_length:  # file systems stop at 255 bytes per name
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         name = f"{name[: max_length - 11]}-{digest}"
@@ -37,7 +43,7 @@ def run_subdir(override_dirname: str, max_length: int = 200) -> str:
 
 def _required(key: str, what: str) -> None:
     """`${ddt.required:KEY,WHAT}`: a value the command line must give (OmegaConf's ??? is lost in merges)."""
-    raise ValueError(f"{key} is required here: pass {key}=... ({what})")
+    raise UsageError(f"{key} is required here: pass {key}=... ({what})")
 
 
 def register_resolvers() -> None:
@@ -64,7 +70,7 @@ def stages(cfg: DictConfig) -> list[str]:
     names = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"stage={OmegaConf.to_yaml(value).strip()} has unknown stage(s) {unknown}; "
+        raise UsageError(f"stage={OmegaConf.to_yaml(value).strip()} has unknown stage(s) {unknown}; "
                          f"use any of {list(STAGES)}")
     if "evaluate" in names:
         names.append("sample")  # evaluation needs samples; images already written are kept
@@ -72,66 +78,113 @@ def stages(cfg: DictConfig) -> list[str]:
 
 
 def validate(cfg: DictConfig) -> dict:
-    """Resolve every interpolation and check cross-group constraints; returns the plain config."""
+    """Check every key (the schema) and every rule across keys; returns the resolved plain config.
+
+    All problems are raised together as one UsageError, one line each.
+    """
     register_resolvers()
-    plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    model, res = plain["model"], plain["resolution"]
-    if res["latent_size"] % model["patch_size"]:
-        raise ValueError(f"resolution.latent_size={res['latent_size']} is not divisible by "
-                         f"model.patch_size={model['patch_size']}; pick another patch size or resolution")
-    if model["hidden_size"] % model["num_heads"] or (model["hidden_size"] // model["num_heads"]) % 4:
-        raise ValueError(f"model.hidden_size={model['hidden_size']} / model.num_heads={model['num_heads']} "
-                         f"must give a head width that is a multiple of 4 (2-D RoPE)")
-    if plain["train"]["batch_size"] < 1:
-        raise ValueError(f"train.batch_size={plain['train']['batch_size']} must be positive")
-    if plain["eval"].get("num_samples", 1) < 1:
-        raise ValueError(f"eval.num_samples={plain['eval']['num_samples']} must be positive")
-    check_curve(plain, stages(cfg))
-    todo = stages(cfg)
-    sampler_kwargs(plain)
-    check_sharing(plain)
-    check_data(plain, todo)
+    problems, failed = check_types(cfg)
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        todo = stages(cfg)
+        across = [*check_model(plain), *check_train(plain), *check_sampler(plain), *check_curve(plain, todo),
+                  *check_data(plain, todo)]
+    except Exception:  # a key of the wrong type breaks a rule's arithmetic: that key is reported already
+        if not problems:
+            raise
+        across = []
+    # a rule that involves a key reported above would only repeat it
+    problems += [p for p in across if not any(f"{key}=" in p for key in failed)]
+    if problems:
+        raise UsageError(problems)
     return plain
 
 
-def check_curve(plain: dict, todo: list[str]) -> None:
-    """eval.every_steps and eval.curve_num_samples: a curve needs metrics and a positive cadence."""
-    ev = plain["eval"]
-    every, num = ev.get("every_steps", 0), ev.get("curve_num_samples")
-    if not isinstance(every, int) or every < 0:
-        raise ValueError(f"eval.every_steps={every} must be 0 (evaluate only at the end) or a positive number "
-                         f"of training steps")
-    if num is not None and (not isinstance(num, int) or num < 1):
-        raise ValueError(f"eval.curve_num_samples={num} must be null (= eval.num_samples) or positive")
-    if ev["name"] == "none" and (every or "curve" in todo):
-        raise ValueError(f"eval=none computes no metrics, so there is no curve (eval.every_steps={every}, "
-                         f"stage={todo}); pick eval=fid_digits or fid_imagenet")
+def check_model(plain: dict) -> Iterator[str]:
+    """The depth split, the patch grid and the head width."""
+    model, res = plain["model"], plain["resolution"]
+    if not 0 < model["encoder_depth"] < model["depth"]:
+        yield (f"model.encoder_depth={model['encoder_depth']} is impossible for model.depth={model['depth']}: "
+               f"it must be between 1 and {model['depth'] - 1} so that the decoder keeps at least one block")
+    if res["latent_size"] % model["patch_size"]:
+        yield (f"resolution.latent_size={res['latent_size']} is not divisible by model.patch_size="
+               f"{model['patch_size']}; pick another patch size or resolution")
+    if model["hidden_size"] % model["num_heads"] or (model["hidden_size"] // model["num_heads"]) % 4:
+        yield (f"model.hidden_size={model['hidden_size']} / model.num_heads={model['num_heads']} must give a "
+               f"head width that is a multiple of 4 (2-D RoPE); pick another model.num_heads")
 
 
-def check_data(plain: dict, todo: list[str]) -> None:
+def check_train(plain: dict) -> Iterator[str]:
+    """AdamW betas and the device name."""
+    betas = plain["train"]["betas"]
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        yield f"train.betas={betas} must be two numbers in [0, 1), e.g. [0.9,0.95]"
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", str(plain["device"])):
+        yield f"device={plain['device']!r} is not a device; use auto, cpu, cuda or cuda:N"
+
+
+def check_sampler(plain: dict) -> Iterator[str]:
+    """Guidance interval, the SDE's diffusion, encoder sharing and its number of recompute steps."""
+    s = plain["sampler"]
+    interval = s["cfg_interval"]
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1] <= 1:
+        yield (f"sampler.cfg_interval={interval} must be [low,high] with 0 <= low < high <= 1 "
+               f"(guidance where low < t < high), e.g. [0.3,1.0]")
+    if s["solver"] == "sde" and s.get("sde_diffusion") is None:
+        yield "sampler.solver=sde needs sampler.sde_diffusion; select sampler=sde, which sets it"
+    if s["sharing"] != "none" and plain["model"]["arch"] != "ddt":
+        yield (f"sampler.sharing={s['sharing']} reuses the condition encoder of a DDT; "
+               f"model.arch={plain['model']['arch']} has none: use sampler.sharing=none")
+    elif s["sharing"] != "none" and not (s["num_recompute"] is not None and 1 <= s["num_recompute"] <= s["num_steps"]):
+        yield (f"sampler.sharing={s['sharing']} needs sampler.num_recompute between 1 and "
+               f"sampler.num_steps={s['num_steps']} (got {s['num_recompute']})")
+
+
+def check_curve(plain: dict, todo: list[str]) -> Iterator[str]:
+    """A curve (eval.every_steps, stage=curve) needs metrics."""
+    every = plain["eval"].get("every_steps", 0)
+    if plain["eval"]["name"] == "none" and (every or "curve" in todo):
+        yield (f"eval=none computes no metrics, so there is no curve (eval.every_steps={every}, stage={todo}); "
+               f"pick eval=fid_digits or fid_imagenet")
+
+
+def check_data(plain: dict, todo: list[str]) -> Iterator[str]:
     """Paths and settings the data, codec and REPA groups need for the stages asked for."""
     data, res, repa = plain["data"], plain["resolution"], plain["repa"]
     latent = res.get("vae") is not None
     if latent and res["image_size"] != res["latent_size"] * 8:
-        raise ValueError(f"resolution.latent_size={res['latent_size']} must be resolution.image_size/8 "
-                         f"={res['image_size'] / 8:g} (SD-VAE downsamples 8x)")
+        yield (f"resolution.latent_size={res['latent_size']} must be resolution.image_size/8 "
+               f"={res['image_size'] / 8:g} (SD-VAE downsamples 8x)")
     if data["name"] in ("imagenet", "imagenet_latents") and not latent:
-        raise ValueError(f"data={data['name']} is latent-space: use resolution=r256 or r512 "
-                         f"(resolution.vae is null in this resolution)")
+        yield (f"data={data['name']} is latent-space: use resolution=r256 or r512 "
+               f"(resolution.vae is null in this resolution)")
     if data["name"] == "digits" and latent:
-        raise ValueError("data=digits is pixel-space: use resolution=r16")
+        yield "data=digits is pixel-space: use resolution=r16"
     needs_root = (data["name"] == "imagenet" and "train" in todo) or "cache_latents" in todo or (
         data["name"] == "imagenet_latents" and repa["enabled"] and "train" in todo) or (
         "evaluate" in todo and plain["eval"].get("reference") == "dataset" and data["name"] != "digits")
     if needs_root and not data.get("root"):
-        raise ValueError(f"data.root is not set; pass data.root=/path/to/imagenet/train (an image folder "
-                         f"root/<class>/<image>) — needed by stage={todo}, data={data['name']}, "
-                         f"repa.enabled={repa['enabled']}, eval.reference={plain['eval'].get('reference')}")
+        yield (f"data.root is not set; pass data.root=/path/to/imagenet/train (an image folder "
+               f"root/<class>/<image>), needed by stage={todo}, data={data['name']}, "
+               f"repa.enabled={repa['enabled']}, eval.reference={plain['eval'].get('reference')}")
     if "cache_latents" in todo and data["name"] != "imagenet_latents":
-        raise ValueError(f"stage=cache_latents writes data=imagenet_latents' cache; data={data['name']} has none")
-    if repa["enabled"] and not 1 <= repa["align_layer"] <= plain["model"]["depth"]:
-        raise ValueError(f"repa.align_layer={repa['align_layer']} must be a block index between 1 and "
-                         f"model.depth={plain['model']['depth']}")
+        yield f"stage=cache_latents writes data=imagenet_latents' cache; data={data['name']} has none"
+    if repa["enabled"] and not (repa.get("align_layer") and 1 <= repa["align_layer"] <= plain["model"]["depth"]):
+        yield (f"repa.align_layer={repa.get('align_layer')} must be a block index between 1 and "
+               f"model.depth={plain['model']['depth']}")
+
+
+def check_ckpt(plain: dict) -> Iterator[str]:
+    """ckpt= names a checkpoint file that exists (the runner checks this and its contents before any work)."""
+    if not plain["ckpt"]:
+        return
+    path = Path(plain["ckpt"]).expanduser()
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.pt"
+        hint = f"ckpt={inside}" if inside.is_file() else "ckpt=RUN_DIR/checkpoints/last.pt"
+        yield f"ckpt={plain['ckpt']} is a folder, not a checkpoint file; point it at the file, e.g. {hint}"
+    elif not path.exists():
+        yield f"ckpt={plain['ckpt']} does not exist; check the path (suite checkpoints are RUN_DIR/checkpoints/*.pt)"
 
 
 def model_kwargs(plain: dict) -> dict:
@@ -147,24 +200,9 @@ def model_kwargs(plain: dict) -> dict:
 def sampler_kwargs(plain: dict) -> dict:
     """Arguments of ddt.sampling.sample from the resolved `sampler` group (sharing is resolved apart)."""
     s = plain["sampler"]
-    if s["solver"] not in SOLVERS:
-        raise ValueError(f"sampler.solver={s['solver']!r} is unknown; use sampler=euler, heun or sde")
     kwargs = dict(solver=s["solver"], num_steps=s["num_steps"], cfg_scale=s["cfg_scale"],
                   cfg_interval=tuple(s["cfg_interval"]), timeshift=s["timeshift"], last_step=s["last_step"],
                   fresh_timestep=s["fresh_timestep"])
-    if "sde_diffusion" in s:
+    if s.get("sde_diffusion") is not None:
         kwargs["sde_diffusion"] = s["sde_diffusion"]
     return kwargs
-
-
-def check_sharing(plain: dict) -> None:
-    """sampler.sharing and sampler.num_recompute must fit sampler.num_steps."""
-    s = plain["sampler"]
-    if s["sharing"] not in SHARING:
-        raise ValueError(f"sampler.sharing={s['sharing']!r} is unknown; use one of {list(SHARING)}")
-    if s["sharing"] != "none" and plain["model"]["arch"] != "ddt":
-        raise ValueError(f"sampler.sharing={s['sharing']} reuses the condition encoder of a DDT; "
-                         f"model.arch={plain['model']['arch']} has none: use sampler.sharing=none")
-    if s["sharing"] != "none" and not (isinstance(s["num_recompute"], int) and 1 <= s["num_recompute"] <= s["num_steps"]):
-        raise ValueError(f"sampler.sharing={s['sharing']} needs sampler.num_recompute between 1 and "
-                         f"sampler.num_steps={s['num_steps']} (got {s['num_recompute']})")

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
-from tqdm.auto import tqdm
 
-from ddt.checkpoint import atomic_save, atomic_write_bytes, load, required_file
-from ddt.data.pixels import to_uint8
+from ddt.checkpoint import atomic_write_bytes, load, required_file
+from ddt.images import to_uint8
 from ddt.models.digits_classifier import DigitsClassifier
+from ddt.progress import is_terminal, progress as progress_bar
 from ddt.sampling import SamplingStats, sample
 
 DIGITS_EXTRACTOR = "digits-classifier"
@@ -72,8 +72,7 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
     todo = [i for i in mine if not (samples_dir / f"{i:06d}.png").exists()]
     stats = SamplingStats()
     start, done, stopped = time.perf_counter(), 0, False
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="sample", unit="img",
-               disable=not progress)
+    bar = progress_bar(len(mine), "sample", "img", initial=len(mine) - len(todo), enabled=progress)
     for first in range(0, len(todo), batch_size):
         if stop is not None and stop():
             stopped = True  # e.g. a preemption signal: the images written so far are kept for the rerun
@@ -274,6 +273,8 @@ def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tenso
     import torch_fidelity
     from torch_fidelity import metric_fid, utils as fidelity_utils
 
+    # torch-fidelity's output is tqdm bars: without a terminal they would garble the log.
+    verbose = verbose and is_terminal()
     if feature_extractor == DIGITS_EXTRACTOR:
         register_digits_extractor()
     npz = read_reference_npz(reference) if isinstance(reference, (str, Path)) else None

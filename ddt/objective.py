@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ddt.data.pixels import to_model_range
+from ddt.images import to_model_range
 from ddt.flow import flow_matching_loss
 from ddt.models.repa import RepaLoss
 from ddt.models.vae import LatentCodec, sample_posterior

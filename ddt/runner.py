@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import config_id, digest, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import check_ckpt, config_id, digest, model_kwargs, sampler_kwargs, stages, validate
+from ddt.errors import Interrupted, UsageError
 from ddt.data.latents import cache_latents
-from ddt.data.pixels import to_uint8
+from ddt.images import to_uint8
 from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
@@ -37,7 +38,7 @@ from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_
 from ddt.models import DDT, build_model, compile_blocks
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
-from ddt.train import Trainer, TrainConfig, check_signature
+from ddt.train import SIGNATURE_DEFAULTS, Trainer, TrainConfig, model_signature
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; anything else is passed to torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
 
 
 def versions() -> dict:
@@ -90,18 +94,63 @@ class Results:
 def load_weights(model: DDT, path: Path, ema: bool = True) -> int | None:
     """Load the EMA (or raw) weights of a suite or an official (Lightning) checkpoint; returns its step."""
     state = checkpoint.load(path)
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} is not a state dict or a Lightning checkpoint")
+    problems = fit_problems(state, model, path)
+    if problems:
+        raise UsageError(problems)
     if "ema" in state and "signature" in state:
-        check_signature(state["signature"], model, path)
         model.load_state_dict(state["ema" if ema else "model"])
         return int(state["step"])
-    weights = checkpoint.official_denoiser_state_dict(state, prefer_ema=ema)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path} does not fit the configured model (model.* keys): {err}") from err
+    model.load_state_dict(checkpoint.official_denoiser_state_dict(state, prefer_ema=ema))
     return None
+
+
+def fit_problems(state: dict, model: DDT, path: Path) -> list[str]:
+    """Why a checkpoint's weights do not fit the configured model (empty when they do), naming the keys."""
+    if not isinstance(state, dict):
+        return [f"{path} is not a state dict or a Lightning checkpoint; point ckpt= at a suite or official checkpoint"]
+    if "ema" in state and "signature" in state:
+        current, saved = model_signature(model), {**SIGNATURE_DEFAULTS, **state["signature"]}
+        diff = [f"model.{k}: checkpoint {saved.get(k)}, config {v}" for k, v in current.items() if saved.get(k) != v]
+        return [f"{path} does not fit the configured model ({'; '.join(diff)}); set those keys or use "
+                f"another run directory"] if diff else []
+    weights = checkpoint.official_denoiser_state_dict(state)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = [f"{k}: checkpoint {tuple(v.shape)}, config {expected[k]}" for k, v in weights.items()
+              if k in expected and tuple(v.shape) != expected[k]]
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if not (shapes or missing or unexpected):
+        return []
+    detail = "; ".join([*shapes[:3], *([f"{len(missing)} tensors missing, e.g. {missing[0]}"] if missing else []),
+                        *([f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else [])])
+    return [f"{path} does not fit the configured model ({len(shapes)} tensors differ in shape: {detail}); "
+            f"set the model.* keys it was trained with (e.g. model=ddt_xl model.encoder_depth=22)"]
+
+
+def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
+    """The checkpoints the stages will read: present, readable and fitting the configured model."""
+    problems = list(check_ckpt(plain))
+    if problems:
+        return problems
+    ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
+    sources = [last] if "train" in todo and last.exists() else []
+    if ckpt and ("train" not in todo or not last.exists()):
+        sources.append(ckpt)
+    if "sample" in todo and "train" not in todo and not ckpt:
+        if last.exists():
+            sources.append(last)
+        else:
+            problems.append(f"no weights to sample from: no ckpt= was given and {last} does not exist; pass "
+                            f"ckpt=PATH or add train to stage (stage=[train,sample,evaluate])")
+    if not sources:
+        return problems
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = build_model(**model_kwargs(plain))
+    for path in sources:
+        try:
+            problems += fit_problems(checkpoint.load(path, mmap=True), model, path)
+        except UsageError as err:
+            problems += err.problems
+    return problems
 
 
 def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
@@ -179,15 +228,22 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = Non
 def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: torch.device) -> dict:
     rank = process_rank()[0]
     results = Results(run_dir / "results.json", writer=rank == 0)
-    try:
+    try:  # every setting and file is checked before any work; all problems are reported together
         plain, todo = validate(cfg), stages(cfg)
-    except Exception as err:  # the failure of a sweep point is recorded where its results would be
-        results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        if is_completed(results.data, plain, todo):
+            log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
+                     summary_line(results.data))
+            return results.data
+        problems = weights_problems(plain, todo, run_dir)
+        try:
+            parts = prepare(plain, todo)
+        except UsageError as err:
+            problems += err.problems
+        if problems:
+            raise UsageError(problems)
+    except UsageError as err:  # the failure of a sweep point is recorded where its results would be
+        results.update(status="failed", error=str(err))
         raise
-    if is_completed(results.data, plain, todo):
-        log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
-                 summary_line(results.data))
-        return results.data
     torch.manual_seed(plain["seed"])
     model = build_model(**model_kwargs(plain)).to(device)
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
@@ -201,11 +257,20 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
                            sweep_dir=sweep_dir or run_dir.parent,
                            job_type="+".join(todo))
     try:
-        _run_stages(plain, todo, model, device, run_dir, results, tracker)
+        _run_stages(plain, todo, parts, model, device, run_dir, results, tracker)
     except SystemExit:  # submitit requeued the job after a preemption signal; the requeued job resumes
         results.update(status="requeued")
         tracker.finish()
         raise
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was saved stays; the same command resumes
+        interrupted = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
+        results.update(status="interrupted", error=None, interrupted=str(interrupted))
+        tracker.summary({"status": "interrupted"})
+        tracker.finish()
+        saved = run_dir / "checkpoints" / "last.pt"
+        log.warning("interrupted (%s); %s run the same command again to resume", interrupted,
+                    f"{saved} is saved:" if saved.exists() else "nothing to keep yet:")
+        raise interrupted from None
     except BaseException as err:
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
         tracker.summary({"status": "failed", "error": results.data["error"]})
@@ -231,9 +296,8 @@ def summary_line(results: dict) -> str:
     return " | ".join(parts)
 
 
-def _run_stages(plain: dict, todo: list[str], model: DDT, device: torch.device, run_dir: Path,
+def _run_stages(plain: dict, todo: list[str], parts: Parts, model: DDT, device: torch.device, run_dir: Path,
                 results: Results, tracker) -> None:
-    parts = prepare(plain, todo)  # every file a stage needs is found now, before any work
     if parts.extractor is not None:
         set_aside_stale_points(results, point_settings(plain, parts.extractor))
     if "cache_latents" in todo:
@@ -283,8 +347,10 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     if every:  # points a kill or preemption interrupted (or a run trained without them) come first
         _fill_curve(plain, run_dir, results, tracker, parts,
                     [s for s in range(every, trainer.step + 1, every) if trainer.eval_due(s)], trainer.device)
-    with checkpoint_on_preemption(trainer):
+    with checkpoint_on_preemption(trainer), stop_after_step_on_interrupt(trainer):
         stats = trainer.fit()
+    if not stats["steps_this_session"]:  # strict JSON: no NaN loss for a session that trained nothing
+        stats.update(final_loss=None, final_grad_norm=None, final_loss_note="no training step in this session")
     if stats["steps_this_session"]:
         results.invalidate("sample", "metrics", "evaluate")
     results.update(train=stats)
@@ -324,6 +390,34 @@ def checkpoint_on_preemption(trainer: Trainer):
         yield
     finally:
         signal.signal(sig, requeue)
+
+
+@contextlib.contextmanager
+def stop_after_step_on_interrupt(trainer: Trainer):
+    """Ctrl-C or SIGTERM during training: finish the step, save last.pt, then stop (Interrupted).
+
+    A second Ctrl-C stops at once. Inside a submitit job its own handlers stay in charge.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(signum, frame):
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+        def raise_interrupted():
+            raise Interrupted(signum, f"at step {trainer.step}")
+        trainer.interrupt = raise_interrupted
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _log_grid(plain: dict, trainer: Trainer, tracker, parts: Parts) -> None:
@@ -377,10 +471,7 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
             step: int | None, tracker) -> None:
     ckpt, num_samples = _ckpt(plain), plain["eval"]["num_samples"]
     if "train" not in todo:
-        source = ckpt or run_dir / "checkpoints" / "last.pt"
-        if not source.exists():
-            raise FileNotFoundError(f"no weights to sample from: {source} does not exist; pass ckpt=PATH "
-                                    f"or include train in stage")
+        source = ckpt or run_dir / "checkpoints" / "last.pt"  # checked before any work (weights_problems)
         step = load_weights(model, source, ema=plain["ckpt_ema"])
         log.info("sampling with the %s weights of %s (step %s)", "EMA" if plain["ckpt_ema"] else "raw", source, step)
     weights = {"step": step, "ckpt": str(ckpt) if ckpt else None, "ckpt_ema": plain["ckpt_ema"], "seed": plain["seed"]}

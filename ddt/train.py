@@ -22,13 +22,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
 from ddt import checkpoint
 from ddt.distributed import max_over_ranks, mean_over_ranks, process_rank
 from ddt.data.order import StepBatches
 from ddt.models import compile_blocks
 from ddt.objective import Objective
+from ddt.progress import progress as progress_bar
 
 
 @dataclass
@@ -221,8 +221,8 @@ class Trainer:
         start_step, start, eval_seconds = self.step, time.perf_counter(), 0.0
         last_loss = grad_norm = float("nan")
         last_terms: dict[str, float] = {}
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step",
-                   disable=not self.progress or self.rank != 0)
+        bar = progress_bar(cfg.max_steps, "train", "step", initial=self.step,
+                           enabled=self.progress and self.rank == 0)
         self.model.train()
         order = StepBatches(self.step, cfg.max_steps, cfg.batch_size, len(self.dataset), self.seed,
                             self.rank, self.world_size)

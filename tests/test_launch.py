@@ -32,7 +32,7 @@ def test_quickstart_end_to_end_and_resume(tmp_path, cache_dir):
     # The same command on a completed run is skipped (progress is not part of what a run computes).
     stamp = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
     proc = launch(*SHORT, f"hydra.run.dir={run_dir}", "progress=true")
-    assert "already completed" in proc.stdout
+    assert "already completed" in proc.stderr  # the console log goes to stderr
     assert json.loads((run_dir / "results.json").read_text()) == results
     assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 

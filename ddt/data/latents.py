@@ -20,6 +20,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from ddt.checkpoint import atomic_write_bytes, atomic_write_json
 from ddt.data.imagenet import ImageFolder, load_image
-from ddt.models.vae import LatentCodec
+from ddt.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,20 @@ MUST_MATCH = ("format", "vae", "scaling_factor", "image_size", "latent_shape", "
               "shard_size", "dtype", "classes")
 CACHE_COMMAND = ("python launch.py stage=cache_latents data=imagenet_latents data.root=... "
                  "resolution=...")
+
+
+class Encoder(Protocol):
+    """What the cache needs of a codec (ddt.models.vae.LatentCodec is one); typed by its interface
+    so that ddt.data never imports ddt.models."""
+
+    name: str
+    scaling_factor: float
+    latent_channels: int
+    downsample: int
+
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def to(self, device: str | torch.device) -> "Encoder": ...
 
 
 def shard_path(out_dir: str | Path, k: int) -> Path:
@@ -108,7 +123,7 @@ def _remove_stale_temps(out_dir: Path, shards: list[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def cache_latents(dataset: ImageFolder, codec: LatentCodec, out_dir: str | Path, *, shard_size: int = 1000,
+def cache_latents(dataset: ImageFolder, codec: Encoder, out_dir: str | Path, *, shard_size: int = 1000,
                   batch_size: int = 64, rank: int = 0, world_size: int = 1, dtype: str = "float32",
                   device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True) -> dict:
     """Encode this rank's missing shards of `dataset` into `out_dir`; returns counts and throughput."""
@@ -151,10 +166,7 @@ def cache_latents(dataset: ImageFolder, codec: LatentCodec, out_dir: str | Path,
     torch_dtype = DTYPES[dtype]
     loader = torch.utils.data.DataLoader(_Decode(dataset), batch_sampler=batches, num_workers=num_workers,
                                          collate_fn=_keep)
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", disable=not progress,
-               desc=f"latents rank {rank}/{world_size}")
+    bar = progress_bar(sum(len(b) for b in batches), f"latents rank {rank}/{world_size}", "img", enabled=progress)
     began = time.perf_counter()
     encoded = unreadable = 0
     parts: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "index": []}

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ddt.data.pixels import to_model_range, to_uint8
 from ddt.distributed import rank_rows
+from ddt.images import to_model_range, to_uint8
 
 SD_VAE = "stabilityai/sd-vae-ft-ema"
 

@@ -1,0 +1,158 @@
+"""Invalid settings and files stop `python launch.py` before any work: one line each, the key named, exit 2.
+
+Table-driven over real command lines (subprocesses, no HYDRA_FULL_ERROR), plus interrupts, a sweep
+with one bad point and strict JSON.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+QUICK = ["train.max_steps=4", "train.batch_size=8", "train.ckpt_every=2", "eval.num_samples=20",
+         "sampler.num_steps=2", "sampler.batch_size=20", "progress=false"]
+
+
+def run_launch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Files the table's cases point at: a folder, a corrupt checkpoint, one of another model, a plain file."""
+    root = tmp_path_factory.mktemp("files")
+    (root / "folder").mkdir()
+    (root / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    signature = {"arch": "ddt", "in_channels": 3, "patch_size": 4, "hidden_size": 32, "num_heads": 4, "depth": 28,
+                 "encoder_depth": 22, "num_classes": 10, "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope",
+                 "qk_norm": True}
+    torch.save({"model": {}, "ema": {}, "step": 1, "signature": signature}, root / "narrow.pt")
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+CASES = [  # (command-line overrides, what stderr must name)
+    (["model.encoder_dept=8"], "did you mean model.encoder_depth?"),
+    (["+model.encoder_dept=8"], "model.encoder_dept is not a config key; did you mean model.encoder_depth?"),
+    (["model=ddt_q"], "model=ddt_q is not an option of the model group"),
+    (["+experiment=nope"], "experiment=nope is not an option"),
+    (["model.encoder_depth=abc"], "model.encoder_depth='abc' is not an integer"),
+    (["model.encoder_depth=99"], "model.encoder_depth=99 is impossible for model.depth=28"),
+    (["model.encoder_depth=0"], "model.encoder_depth=0"),
+    (["model.num_heads=5"], "model.num_heads=5"),
+    (["model.patch_size=3"], "model.patch_size=3"),
+    (["resolution.latent_size=15"], "resolution.latent_size=15"),
+    (["train.lr=-1"], "train.lr=-1 is out of range: it must be > 0"),
+    (["train.ema_decay=1.5"], "train.ema_decay=1.5 is out of range"),
+    (["train.label_dropout=1.0"], "train.label_dropout=1.0 is out of range"),
+    (["train.max_steps=-5"], "train.max_steps=-5 is out of range"),
+    (["train.batch_size=0"], "train.batch_size=0 is out of range"),
+    (["train.precision=fp16"], "train.precision='fp16' is not one of auto, bf16, fp32"),
+    (["train.betas=[0.9]"], "train.betas=[0.9] must be two numbers"),
+    (["sampler.num_steps=0"], "sampler.num_steps=0 is out of range"),
+    (["sampler.batch_size=0"], "sampler.batch_size=0 is out of range"),
+    (["sampler.cfg_interval=[0.9,0.1]"], "sampler.cfg_interval=[0.9, 0.1] must be [low,high]"),
+    (["sampler.timeshift=0"], "sampler.timeshift=0 is out of range"),
+    (["sampler.sharing=every_other"], "sampler.sharing='every_other' is not one of none, uniform, dp"),
+    (["sampler.sharing=dp"], "sampler.sharing=dp needs sampler.num_recompute between 1 and sampler.num_steps"),
+    (["sampler.sharing=uniform", "sampler.num_recompute=17"], "sampler.num_recompute between 1 and"),
+    (["sampler.solver=rk4"], "sampler.solver='rk4' is not one of euler, heun, sde"),
+    (["eval.num_samples=0"], "eval.num_samples=0 is out of range"),
+    (["eval.every_steps=-1"], "eval.every_steps=-1 is out of range"),
+    (["eval=none", "eval.every_steps=100"], "eval=none computes no metrics"),
+    (["stage=[train,finetune]"], "finetune"),
+    (["device=gpu"], "device='gpu' is not a device"),
+    (["seed=-1"], "seed=-1 is out of range"),
+    (["logger.backend=tensorboard"], "logger.backend='tensorboard' is not one of none, wandb"),
+    (["data=imagenet"], "data=imagenet is latent-space"),
+    (["train.lr=-1", "train.ema_decay=1.5", "sampler.cfg_interval=[0.9,0.1]"],
+     "train.lr=-1|train.ema_decay=1.5|sampler.cfg_interval"),  # all reported together
+    (["eval.digits_classifier=v9"], "eval.digits_classifier=v9"),
+    (["stage=evaluate", "ckpt={files}/folder"], "is a folder, not a checkpoint file"),
+    (["stage=evaluate", "ckpt={files}/missing.pt"], "missing.pt does not exist"),
+    (["stage=evaluate"], "no weights to sample from: no ckpt= was given"),
+    (["stage=evaluate", "ckpt={files}/corrupt.pt"], "corrupt.pt is not a readable checkpoint"),
+    (["stage=evaluate", "ckpt={files}/narrow.pt"], "model.hidden_size: checkpoint 32, config 64"),
+    (["hydra.run.dir={files}/a_file/run"], "a_file is a file, not a folder"),
+    (["resolution=r256", "repa=on", "data=imagenet", "data.root={files}/no_imagenet",
+      "resolution.vae={files}/no_vae", "repa.target_weights={files}/no_dinov2.safetensors"],
+     "no_imagenet|no_vae|no_dinov2"),  # a missing data folder, VAE and DINOv2 file in one go
+]
+
+
+@pytest.mark.parametrize("overrides,named", CASES, ids=[" ".join(c[0])[:60] for c in CASES])
+def test_an_invalid_setting_or_file_stops_before_any_work_naming_it(overrides, named, files, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [o.replace("{files}", str(files)) for o in overrides]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir}")
+    start = time.perf_counter()
+    proc = run_launch(*QUICK, *args)
+    seconds = time.perf_counter() - start
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    assert "Traceback" not in output, output[-3000:]
+    for part in named.split("|"):
+        assert part in proc.stderr, (part, proc.stderr[-2000:])
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "samples").exists()
+    if (run_dir / "results.json").exists():  # a failed status is all a stopped run leaves
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "failed" and named.split("|")[0] in results["error"]
+        assert named.split("|")[0] in (run_dir / "launch.log").read_text()  # the console, also in the log
+    print(f"{seconds:.1f} s: {' '.join(overrides)}")
+
+
+def test_a_sweep_point_with_a_config_error_fails_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_launch("-m", *QUICK, "model.encoder_depth=8,99", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    (good,) = sweep.glob("*encoder_depth=8*")
+    (bad,) = sweep.glob("*encoder_depth=99*")
+    assert json.loads((good / "results.json").read_text())["status"] == "completed"
+    failed = json.loads((bad / "results.json").read_text())
+    assert failed["status"] == "failed" and "model.encoder_depth=99 is impossible" in failed["error"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_saves_says_how_to_resume_and_resumes(tmp_path, signum, code):
+    run_dir = tmp_path / "run"
+    args = [*QUICK, "train.max_steps=400", "train.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "results.json").exists():
+        time.sleep(0.1)
+    time.sleep(4)  # training is under way (no checkpoint yet: ckpt_every is beyond the run)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "run the same command again to resume" in lines[0], err[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    step = int(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"])
+    assert results["status"] == "interrupted" and f"at step {step}" in results["interrupted"] and 0 < step < 400
+    resumed = run_launch(*args, "train.max_steps=" + str(step + 2))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = json.loads((run_dir / "results.json").read_text())
+    assert again["status"] == "completed" and again["train"]["resumed_from_step"] == step
+
+
+def test_results_json_is_strict_json_without_nan(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_launch(*QUICK, "train.max_steps=0", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    def no_constants(name):
+        raise ValueError(f"{name} in results.json")
+    results = json.loads((run_dir / "results.json").read_text(), parse_constant=no_constants)
+    assert results["train"]["final_loss"] is None and results["train"]["final_loss_note"]
