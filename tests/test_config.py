@@ -76,6 +76,9 @@ def test_run_folder_names_are_flat_and_bounded():
     assert run_subdir("") == "default"
     assert run_subdir("model.encoder_depth=8") == "model.encoder_depth=8"
     assert "/" not in run_subdir("ckpt=runs/a/checkpoints/last.pt,sampler.cfg_scale=1.5")
+    # sharing=none ignores num_recompute, so the folder is not named after it (a sweep over sharing keeps it)
+    assert run_subdir("sampler.num_recompute=10,sampler.sharing=none") == "sampler.sharing=none"
+    assert run_subdir("sampler.num_recompute=10,sampler.sharing=dp") == "sampler.num_recompute=10,sampler.sharing=dp"
     long = run_subdir("x=" + "a" * 400)
     assert len(long) == 200 and long != run_subdir("x=" + "a" * 399)
 
