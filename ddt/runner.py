@@ -220,7 +220,9 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = Non
     run_dir.mkdir(parents=True, exist_ok=True)
     device = distributed.setup(resolve_device(str(cfg.device)))
     try:
-        return _run(cfg, run_dir, sweep_dir, device)
+        results = _run(cfg, run_dir, sweep_dir, device)
+        barrier()  # gloo aborts a rank whose peer leaves the group while it still talks to it
+        return results
     finally:
         distributed.teardown()
 

@@ -53,6 +53,7 @@ def _worker(rank: int, world_size: int, port: int, out: str, tiny_dinov2: str | 
                  "grads": {n: p.grad.clone() for n, p in params if p.grad is not None}}
         torch.save(first, Path(out) / f"step0_rank{rank}.pt")
         trainer.fit()
+        distributed.barrier()  # rank 0 may still be writing the last checkpoint: leave the group together
     finally:
         distributed.teardown()
 

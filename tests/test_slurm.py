@@ -91,7 +91,7 @@ def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
     for d, r in again.items():
         if r.get("status") == "completed":
             assert (tmp_path / d / "results.json").stat().st_mtime_ns == stamps[d], d  # skipped, untouched
-    logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*/*_log.out"))
+    logs = "".join(p.read_text() for p in tmp_path.glob(".submitit/*/*/*_log.*"))  # the console log is on stderr (.err)
     assert logs.count("is already completed") == 2
     assert len(list(tmp_path.glob(".submitit/*"))) == 2
 
