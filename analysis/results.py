@@ -8,11 +8,12 @@
 
 Both run loaders give the same columns: the resolved config flattened to dotted keys
 (`model.encoder_depth`, `sampler.sharing`, ...), the headline numbers of `ddt.tracking.summary_row`
-(`fid`, `isc_mean`, `kid_mean`, `precision`, `recall`, `step`, `config_id`, `train.*`, `sample.*`),
-and `run` / `group`. The curve loaders (`load_curves`, `wandb_curves`, `load_wandb_curves`) give the
-config columns and run names, then one row per evaluation point: `step`, the metrics, `num_samples`,
-`wall_time_s`, `final`. A results.json without a "curve" (written before curves existed) counts as
-one point, its final metrics at its step. `aggregate` and `separated` live in analysis.stats.
+(`fid`, `isc_mean`, `kid_mean`, `precision`, `recall`, `fd_dinov2` where evaluated, `step`, `config_id`,
+`train.*`, `sample.*`), and `run` / `group`. The curve loaders (`load_curves`, `wandb_curves`,
+`load_wandb_curves`) give the config columns and run names, then one row per evaluation point:
+`step`, the metrics, `num_samples`, `wall_time_s`, `final`. A results.json without a "curve" (written
+before curves existed) counts as one point, its final metrics at its step. `aggregate` and `separated`
+live in analysis.stats.
 """
 from __future__ import annotations
 

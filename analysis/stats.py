@@ -100,7 +100,7 @@ def separated(agg: pd.DataFrame, by: str, metric: str = "fid", within: Sequence[
                              f"pass within=[...] naming the columns that tell them apart")
         context = {c: part[c].iloc[0] for c in within}
         for (_, a), (_, b) in combinations(part.iterrows(), 2):
-            differ = _intervals_apart(a[mean], a[ci], b[mean], b[ci])
+            differ = intervals_apart(a[mean], a[ci], b[mean], b[ci])
             rows.append({**context, "a": a[by], "b": b[by], "mean_a": a[mean], "ci95_a": a[ci], "n_a": a[count],
                          "mean_b": b[mean], "ci95_b": b[ci], "n_b": b[count], "differ": differ,
                          "verdict": DIFFER if differ else UNDECIDED})
@@ -184,7 +184,8 @@ def _summary(values: pd.Series, metric: str) -> dict[str, float]:
             f"{metric}_n": n}
 
 
-def _intervals_apart(mean_a: float, ci_a: float, mean_b: float, ci_b: float) -> bool:
+def intervals_apart(mean_a: float, ci_a: float, mean_b: float, ci_b: float) -> bool:
+    """Whether two 95% intervals do not overlap (never, where either is missing: one seed)."""
     if not all(np.isfinite([mean_a, ci_a, mean_b, ci_b])):
         return False  # no interval (one seed): nothing can be claimed
     return bool(mean_a + ci_a < mean_b - ci_b or mean_b + ci_b < mean_a - ci_a)

@@ -16,13 +16,15 @@ from ddt.data.digits import load_digits
 from ddt.data.imagenet import FolderImages, ImageFolder, ImageFolderBatches
 from ddt.data.latents import LatentDataset
 from ddt.data.pixels import ImageTensors
-from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, inception_weights_path)
+from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, dinov2_weights_path,
+                          inception_weights_path)
 from ddt.checkpoint import load
 from ddt.errors import UsageError
 from ddt.models.digits_classifier import file_sha256, shipped_weights
 from ddt.models.repa import RepaLoss, TargetEncoder
 from ddt.models.vae import LatentCodec
-from ddt.objective import Objective
+from ddt.config import dispersive_layer
+from ddt.objective import DispersiveLoss, Objective
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class Parts:
     codec: LatentCodec | None = None
     objective: Objective | None = None
     extractor: dict | None = None
+    dinov2: dict | None = None  # FD-DINOv2's extractor (eval.fd_dinov2)
     reference: torch.Tensor | torch.utils.data.Dataset | Path | None = None
     reference_name: str = ""
 
@@ -71,7 +74,8 @@ def training_data(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None)
 
 
 def build_objective(plain: dict, codec: LatentCodec | None, scaling_factor: float | None) -> Objective:
-    """Flow matching (+ REPA when repa.enabled) with the train group's time sampling and label dropout."""
+    """Flow matching (+ REPA when repa.enabled, + the dispersive loss when repa.dispersive) with the train
+    group's time sampling and label dropout."""
     repa, model, train = plain["repa"], plain["model"], plain["train"]
     repa_loss = None
     if repa["enabled"]:
@@ -82,9 +86,16 @@ def build_objective(plain: dict, codec: LatentCodec | None, scaling_factor: floa
                              projector_dim=repa["projector_dim"], weight=repa["weight"])
         log.info("REPA: block %d aligned to %s (%d-d tokens at %d px), weight %g", repa["align_layer"],
                  repa["target_encoder"], target.dim, target.image_size, repa["weight"])
+    dispersive = None
+    if repa.get("dispersive"):
+        dispersive = DispersiveLoss(layer=dispersive_layer(plain), temperature=repa["temperature"],
+                                    weight=repa["weight"])
+        log.info("dispersive loss: block %d, temperature %g, weight %g", dispersive.layer, dispersive.temperature,
+                 dispersive.weight)
     encodes_images = plain["data"]["name"] == "imagenet"
     return Objective(codec=codec if encodes_images else None, scaling_factor=scaling_factor, repa=repa_loss,
-                     time_distribution=train["time_distribution"], label_dropout=train["label_dropout"])
+                     dispersive=dispersive, time_distribution=train["time_distribution"],
+                     label_dropout=train["label_dropout"])
 
 
 def feature_extractor(plain: dict) -> dict:
@@ -101,6 +112,13 @@ def feature_extractor(plain: dict) -> dict:
         return {"name": INCEPTION_EXTRACTOR, "weights": str(path), "sha256": file_sha256(path)}
     raise ValueError(f"eval.feature_extractor={ev['feature_extractor']!r} is not available; "
                      f"use {DIGITS_EXTRACTOR} or {INCEPTION_EXTRACTOR}")
+
+
+def dinov2_extractor(plain: dict) -> dict:
+    """Name, weights and weights' SHA-256 of FD-DINOv2's extractor (eval.fd_dinov2; found and checked now)."""
+    ev = plain["eval"]
+    path = dinov2_weights_path(ev.get("dinov2_weights"), Path(plain["cache_dir"]), ev["dinov2_model"])
+    return {"name": ev["dinov2_model"], "weights": str(path), "sha256": file_sha256(path)}
 
 
 def evaluation_reference(plain: dict, digits: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[object, str]:
@@ -140,6 +158,8 @@ def prepare(plain: dict, todo: list[str]) -> Parts:
     digits = load_digits(plain["resolution"]["image_size"]) if data["name"] == "digits" else None
     if evaluating:
         parts.extractor = attempt(feature_extractor, plain)
+        if ev.get("fd_dinov2"):
+            parts.dinov2 = attempt(dinov2_extractor, plain)
         parts.reference, parts.reference_name = attempt(evaluation_reference, plain, digits) or (None, "")
     if "cache_latents" in todo:
         parts.image_folder = attempt(ImageFolder, data["root"], plain["resolution"]["image_size"])

@@ -29,6 +29,11 @@ def _decoder_depth(depth: int, encoder_depth: int) -> int:
     return int(depth) - int(encoder_depth)
 
 
+def _depth(encoder_depth: int, decoder_depth: int) -> int:
+    """`${ddt.depth:...}`: encoder_depth + decoder_depth, for a study that sweeps the decoder's depth."""
+    return int(encoder_depth) + int(decoder_depth)
+
+
 def run_subdir(override_dirname: str, max_length: int = 200) -> str:
     """A flat folder name for a run from its overrides (`default` when there are none)."""
     items = override_dirname.split(",") if override_dirname else []
@@ -47,8 +52,8 @@ def _required(key: str, what: str) -> None:
 
 
 def register_resolvers() -> None:
-    """Resolvers the config files use: `ddt.decoder_depth`, `ddt.run_subdir`, `ddt.required` (idempotent)."""
-    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.run_subdir", run_subdir),
+    """Resolvers the config files use: ddt.decoder_depth, ddt.depth, ddt.run_subdir, ddt.required (idempotent)."""
+    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.depth", _depth), ("ddt.run_subdir", run_subdir),
                      ("ddt.required", _required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -59,9 +64,26 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# Keys added after runs were recorded, with the value that computes what their absence computed: at
+# that value a key is left out of comparisons, so a new key neither redoes completed runs, nor sets
+# their curve points aside, nor changes their config_id.
+LATER_KEYS = {"sampler.order": None, "model.decoder_hidden_size": None, "model.decoder_num_heads": None,
+              "eval.fd_dinov2": False, "eval.dinov2_model": "dinov2-vit-l-14", "eval.dinov2_weights": None}
+
+
+def comparable(plain: dict) -> dict:
+    """The resolved config without the LATER_KEYS that hold their old-behaviour value (a copy)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in plain.items()}
+    for dotted, value in LATER_KEYS.items():
+        group, key = dotted.split(".")
+        if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == value:
+            del out[group][key]
+    return out
+
+
 def config_id(plain: dict) -> str:
     """Hash of the resolved config without seed, run names and logging keys: the group of a run's seeds."""
-    return digest({k: v for k, v in plain.items() if k not in NOT_CONFIG_ID_KEYS})
+    return digest({k: v for k, v in comparable(plain).items() if k not in NOT_CONFIG_ID_KEYS})
 
 
 def stages(cfg: DictConfig) -> list[str]:
@@ -88,7 +110,7 @@ def validate(cfg: DictConfig) -> dict:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         todo = stages(cfg)
         across = [*check_model(plain), *check_train(plain), *check_sampler(plain), *check_curve(plain, todo),
-                  *check_data(plain, todo)]
+                  *check_fd_dinov2(plain), *check_data(plain, todo), *check_dispersive(plain)]
     except Exception:  # a key of the wrong type breaks a rule's arithmetic: that key is reported already
         if not problems:
             raise
@@ -109,9 +131,23 @@ def check_model(plain: dict) -> Iterator[str]:
     if res["latent_size"] % model["patch_size"]:
         yield (f"resolution.latent_size={res['latent_size']} is not divisible by model.patch_size="
                f"{model['patch_size']}; pick another patch size or resolution")
-    if model["hidden_size"] % model["num_heads"] or (model["hidden_size"] // model["num_heads"]) % 4:
-        yield (f"model.hidden_size={model['hidden_size']} / model.num_heads={model['num_heads']} must give a "
-               f"head width that is a multiple of 4 (2-D RoPE); pick another model.num_heads")
+    sizes = [("", model["hidden_size"], model["num_heads"])]  # (key prefix, width, heads): encoder, decoder
+    decoder = {k: model[k] for k in ("decoder_hidden_size", "decoder_num_heads") if model.get(k) is not None}
+    if decoder and model["arch"] != "ddt":
+        yield from (f"model.{k}={v} sizes a DDT's decoder; model.arch={model['arch']} has none: "
+                    f"set model.{k}=null" for k, v in decoder.items())
+    elif decoder:
+        sizes.append(("decoder_", decoder.get("decoder_hidden_size", model["hidden_size"]),
+                      decoder.get("decoder_num_heads", model["num_heads"])))
+    for prefix, width, heads in sizes:
+        if width % heads or (width // heads) % 4:
+            yield (f"model.{prefix}hidden_size={width} / model.{prefix}num_heads={heads} must give a "
+                   f"head width that is a multiple of 4 (2-D RoPE); pick another model.{prefix}num_heads")
+    repa, width = plain["repa"], sizes[-1][1]
+    if repa["enabled"] and width != model["hidden_size"] and (repa.get("align_layer") or 0) > model["encoder_depth"]:
+        yield (f"repa.align_layer={repa['align_layer']} is a block of the decoder (model.decoder_hidden_size="
+               f"{width}), but the REPA projector reads model.hidden_size={model['hidden_size']}: align an "
+               f"encoder block, 1 to model.encoder_depth={model['encoder_depth']}")
 
 
 def check_train(plain: dict) -> Iterator[str]:
@@ -148,6 +184,15 @@ def check_curve(plain: dict, todo: list[str]) -> Iterator[str]:
                f"pick eval=fid_digits or fid_imagenet")
 
 
+def check_fd_dinov2(plain: dict) -> Iterator[str]:
+    """FD-DINOv2 needs DINOv2 statistics of the reference, which an ADM reference batch does not have."""
+    from ddt.evaluate import NPZ_HAS_NO_DINOV2  # the message fd_dinov2() also raises
+
+    ev = plain["eval"]
+    if ev.get("fd_dinov2") and ev.get("reference") == "adm_npz" and plain["data"]["name"] != "digits":
+        yield NPZ_HAS_NO_DINOV2
+
+
 def check_data(plain: dict, todo: list[str]) -> Iterator[str]:
     """Paths and settings the data, codec and REPA groups need for the stages asked for."""
     data, res, repa = plain["data"], plain["resolution"], plain["repa"]
@@ -174,6 +219,29 @@ def check_data(plain: dict, todo: list[str]) -> Iterator[str]:
                f"model.depth={plain['model']['depth']}")
 
 
+def dispersive_layer(plain: dict) -> int:
+    """The block the dispersive loss reads: repa.layer, or a quarter of model.depth when it is null."""
+    return plain["repa"].get("layer") or plain["model"]["depth"] // 4
+
+
+def check_dispersive(plain: dict) -> Iterator[str]:
+    """The dispersive loss (repa=dispersive): not together with REPA, its settings set, its block in the model."""
+    repa, depth = plain["repa"], plain["model"]["depth"]
+    if not repa.get("dispersive"):
+        return
+    if repa["enabled"]:
+        yield ("repa.dispersive=true and repa.enabled=true cannot be combined (repa.weight weighs one "
+               "regulariser): use repa=dispersive or repa=on")
+    unset = [k for k in ("temperature", "weight") if repa.get(k) is None]
+    if unset:
+        yield (f"repa.dispersive=true needs {' and '.join(f'repa.{k}' for k in unset)}; "
+               f"select repa=dispersive, which sets them")
+    if not 1 <= dispersive_layer(plain) <= depth:
+        layer = "null" if repa.get("layer") is None else repa["layer"]
+        yield (f"repa.layer={layer} gives block {dispersive_layer(plain)} for the dispersive loss; "
+               f"it must be a block index between 1 and model.depth={depth}")
+
+
 def check_ckpt(plain: dict) -> Iterator[str]:
     """ckpt= names a checkpoint file that exists (the runner checks this and its contents before any work)."""
     if not plain["ckpt"]:
@@ -194,7 +262,8 @@ def model_kwargs(plain: dict) -> dict:
                 hidden_size=m["hidden_size"], num_heads=m["num_heads"], depth=m["depth"],
                 encoder_depth=m["encoder_depth"] if m["arch"] == "ddt" else None, num_classes=m["num_classes"],
                 norm=m["norm"], ffn=m["ffn"],
-                pos=m["pos"], qk_norm=m["qk_norm"])
+                pos=m["pos"], qk_norm=m["qk_norm"], decoder_hidden_size=m.get("decoder_hidden_size"),
+                decoder_num_heads=m.get("decoder_num_heads"))
 
 
 def sampler_kwargs(plain: dict) -> dict:
@@ -205,4 +274,6 @@ def sampler_kwargs(plain: dict) -> dict:
                   fresh_timestep=s["fresh_timestep"])
     if s.get("sde_diffusion") is not None:
         kwargs["sde_diffusion"] = s["sde_diffusion"]
+    if s["solver"] == "adams" and s.get("order") is not None:  # the other solvers have a fixed order
+        kwargs["order"] = s["order"]
     return kwargs

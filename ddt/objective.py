@@ -1,4 +1,5 @@
-"""What one training step minimises: flow matching on the batch's latents, plus REPA when enabled.
+"""What one training step minimises: flow matching on the batch's latents, plus a representation
+regulariser on the output of one block: REPA (alignment to DINOv2) and/or the dispersive loss.
 
 A batch is a dict from one of the datasets: `labels`, and `images` (uint8; pixel models, or images
 the VAE encodes on the fly) and/or `mean`/`std` (a cached VAE posterior, ddt.data.latents). Every
@@ -7,22 +8,34 @@ resumed run draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
 from ddt.images import to_model_range
-from ddt.flow import flow_matching_loss
-from ddt.models.repa import RepaLoss
+from ddt.flow import dispersive_loss, flow_matching_loss
+from ddt.models.repa import RepaLoss, capture_blocks
 from ddt.models.vae import LatentCodec, sample_posterior
 
 
+@dataclass(frozen=True)
+class DispersiveLoss:
+    """Dispersive loss (ddt.flow.dispersive_loss) on the output of block `layer` (1-based); no trainable state."""
+
+    layer: int
+    temperature: float = 0.5
+    weight: float = 0.5
+
+
 class Objective(nn.Module):
-    """Flow-matching loss (+ repa.weight × alignment loss); trainable state is the REPA projector."""
+    """Flow-matching loss (+ weight × REPA / dispersive loss); trainable state is the REPA projector."""
 
     def __init__(self, *, codec: LatentCodec | None = None, scaling_factor: float | None = None,
-                 repa: RepaLoss | None = None, time_distribution: str = "lognorm", label_dropout: float = 0.1):
+                 repa: RepaLoss | None = None, dispersive: DispersiveLoss | None = None,
+                 time_distribution: str = "lognorm", label_dropout: float = 0.1):
         super().__init__()
-        self.codec, self.repa = codec, repa
+        self.codec, self.repa, self.dispersive = codec, repa, dispersive
         self.scaling_factor = codec.scaling_factor if codec is not None else scaling_factor
         self.time_distribution, self.label_dropout = time_distribution, label_dropout
         self.shard = (0, 1)  # (rank, world size): the trainer sets it when the batch is split over ranks
@@ -37,19 +50,27 @@ class Objective(nn.Module):
             return self.codec.encode(batch["images"], generator, self.shard)
         return to_model_range(batch["images"])
 
+    def regularised_layers(self) -> list[int]:
+        """The blocks (1-based) whose outputs REPA and the dispersive loss read."""
+        return [*([self.repa.align_layer] if self.repa else []), *([self.dispersive.layer] if self.dispersive else [])]
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor],
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, named loss terms) of one batch."""
         x = self.latents(batch, generator)
         kwargs = dict(generator=generator, time_distribution=self.time_distribution,
                       label_dropout=self.label_dropout, shard=self.shard)
-        if self.repa is None:
-            loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
-            return loss, {"fm_loss": loss}
-        with self.repa.capture(model) as hidden:
+        with capture_blocks(model, self.regularised_layers()) as hidden:  # no layers: no hooks, plain flow matching
             fm_loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
-        align_loss = self.repa(hidden[0], batch["images"])
-        return fm_loss + self.repa.weight * align_loss, {"fm_loss": fm_loss, "repa_loss": align_loss}
+        loss, terms = fm_loss, {"fm_loss": fm_loss}
+        if self.repa is not None:
+            terms["repa_loss"] = self.repa(hidden[self.repa.align_layer][0], batch["images"])
+            loss = loss + self.repa.weight * terms["repa_loss"]
+        if self.dispersive is not None:
+            d = self.dispersive
+            terms["dispersive_loss"] = dispersive_loss(hidden[d.layer][0], d.temperature, self.shard)
+            loss = loss + d.weight * terms["dispersive_loss"]
+        return loss, terms
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep besides the model (the REPA projector, when present)."""

@@ -27,14 +27,14 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import check_ckpt, config_id, digest, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import check_ckpt, comparable, config_id, digest, model_kwargs, sampler_kwargs, stages, validate
 from ddt.errors import Interrupted, UsageError
 from ddt.data.latents import cache_latents
 from ddt.images import to_uint8
 from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
-from ddt.evaluate import (calculate_metrics, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
-                          write_grid, write_npz)
+from ddt.evaluate import (calculate_metrics, fd_dinov2, generate_samples, image_grid, read_samples, sample_labels,
+                          sample_noise, write_grid, write_npz)
 from ddt.models import DDT, build_model, compile_blocks
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
@@ -208,7 +208,7 @@ def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
 
     stage=curve is never complete: each call looks for kept checkpoints that have no point yet.
     """
-    saved = results.get("config") or {}
+    saved, plain = comparable(results.get("config") or {}), comparable(plain)
     return (results.get("status") == "completed" and results.get("stages") == todo and "curve" not in todo
             and {k: v for k, v in saved.items() if k not in NOT_RESULT_KEYS}
             == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
@@ -293,6 +293,8 @@ def summary_line(results: dict) -> str:
     metrics = results.get("metrics")
     if metrics:
         parts.append(f"FID {metrics['fid']:.2f}  IS {metrics['isc_mean']:.2f}")
+        if "fd_dinov2" in metrics:
+            parts.append(f"FD-DINOv2 {metrics['fd_dinov2']:.2f}")
         if "precision" in metrics:
             parts.append(f"precision {metrics['precision']:.3f}  recall {metrics['recall']:.3f}")
     return " | ".join(parts)
@@ -504,6 +506,7 @@ def kept_steps(run_dir: Path) -> list[int]:
 
 def point_settings(plain: dict, extractor: dict) -> str:
     """What a curve point's numbers depend on besides the weights: sampler, metrics, seed and extractor."""
+    plain = comparable(plain)
     ev = {k: v for k, v in plain["eval"].items() if k != "every_steps"}
     key = {"sampler": plain["sampler"], "eval": ev, "seed": plain["seed"], "extractor": extractor.get("sha256")}
     return digest(key)
@@ -532,10 +535,15 @@ def record_point(results: Results, point: dict) -> None:
 
 def _metrics(plain: dict, parts: Parts, samples_dir: Path) -> dict[str, float]:
     ev = plain["eval"]
-    return calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
-                             weights_path=parts.extractor["weights"], cache_dir=plain["cache_dir"],
-                             reference_name=parts.reference_name, prc=ev["prc"], kid=ev["kid"],
-                             batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+    common = dict(cache_dir=plain["cache_dir"], reference_name=parts.reference_name,
+                  batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+    metrics = calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
+                                weights_path=parts.extractor["weights"], prc=ev["prc"], kid=ev["kid"], **common)
+    if parts.dinov2:  # the reference's DINOv2 features are cached per weights' content, as Inception's per file
+        metrics["fd_dinov2"] = fd_dinov2(samples_dir, parts.reference, model=parts.dinov2["name"],
+                                         weights_path=parts.dinov2["weights"],
+                                         weights_tag=parts.dinov2["sha256"][:12], **common)
+    return metrics
 
 
 def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Results, tracker, parts: Parts,
@@ -601,7 +609,8 @@ def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Part
     seconds = round(time.perf_counter() - start, 3)
     results.update(metrics=metrics, feature_extractor=parts.extractor,
                    evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,
-                             "feature_extractor_sha256": parts.extractor.get("sha256"), "wall_time_s": seconds})
+                             "feature_extractor_sha256": parts.extractor.get("sha256"), "wall_time_s": seconds,
+                             **({"fd_dinov2_extractor": parts.dinov2} if parts.dinov2 else {})})
     step = (results.data.get("sample") or {}).get("step")
     if step is not None:  # the final point of the curve (an official checkpoint has no step)
         point = {"step": step, **metrics, "num_samples": ev["num_samples"], "final": True,

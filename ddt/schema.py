@@ -37,16 +37,20 @@ def key(help: str, default: Any = MISSING, **limits: float) -> Any:
 class ModelSchema:
     """The network (`model` group; `baseline` sets the block options)."""
 
-    preset: str = key("name of the size preset (S, B, L, XL, quickstart)")
+    preset: str = key("name of the size preset (S, B, L, XL, quickstart; S-DH to XL-DH: with RAE's wide decoder head)")
     depth: int = key("total number of transformer blocks", ge=1)
     hidden_size: int = key("width of every block", ge=1)
     num_heads: int = key("attention heads; hidden_size / num_heads must be a multiple of 4 (2-D RoPE)", ge=1)
     encoder_depth: int = key("blocks of the condition encoder; the rest form the velocity decoder", ge=1)
-    decoder_depth: int = key("derived: depth - encoder_depth (do not set)")
+    decoder_depth: int = key("derived: depth - encoder_depth (do not set; experiments/head_width.yaml sets it "
+                             "and derives depth instead)")
     patch_size: int = key("patch size of both patch embedders", ge=1)
     in_channels: int = key("image or latent channels (from resolution.channels)", ge=1)
     num_classes: int = key("class labels (from data.num_classes); one more row is the null class", ge=1)
     repa_align_layer: int = key("the block REPA aligns for this size when repa=on (4 for S/B, 8 for L/XL)", ge=1)
+    decoder_hidden_size: Optional[int] = key("width of the decoder blocks, their patch embedder and the final layer "
+                                             "(RAE's wide DDT head); null = hidden_size", None, ge=1)
+    decoder_num_heads: Optional[int] = key("attention heads of the decoder blocks; null = num_heads", None, ge=1)
     arch: Literal["ddt", "sit"] = key("ddt (decoupled) or sit (Improved-SiT: one stack, no self-condition)", "ddt")
     norm: Literal["rmsnorm", "layernorm"] = key("block normalisation", "rmsnorm")
     ffn: Literal["swiglu", "mlp"] = key("feed-forward: SwiGLU (2/3*4*D, no biases) or DiT's GELU MLP", "swiglu")
@@ -106,7 +110,7 @@ class TrainSchema:
 class SamplerSchema:
     """The ODE/SDE sampler and encoder sharing (`sampler` group)."""
 
-    solver: Literal["euler", "heun", "sde"] = key("solver")
+    solver: Literal["euler", "heun", "sde", "adams"] = key("solver")
     num_steps: int = key("sampling steps", ge=1)
     cfg_scale: float = key("classifier-free guidance scale (1.0 = none)", 1.0, ge=0)
     cfg_interval: list[float] = key("guidance only where cfg_interval[0] < t < cfg_interval[1]", [0.0, 1.0])
@@ -119,6 +123,8 @@ class SamplerSchema:
     fresh_timestep: bool = key("reused encoder state combined with the current step's timestep", False)
     dp_template_size: int = key("images sampled without sharing to measure step similarities (dp)", 8, ge=1)
     sde_diffusion: Optional[float] = key("SDE diffusion w: w(t) = sde_diffusion * (1 - t) (solver=sde)", None, ge=0)
+    order: Optional[int] = key("Adams-Bashforth order (solver=adams; null = 2; other solvers ignore it)", None,
+                               ge=1, le=4)
 
 
 @dataclass
@@ -131,6 +137,12 @@ class EvalSchema:
         "torch-fidelity feature extractor", None)
     digits_classifier: Optional[str] = key("shipped digits classifier version (ddt/assets)", None)
     inception_weights: Optional[str] = key("local Inception-v3 .pth; null = cache_dir, downloaded if missing", None)
+    fd_dinov2: bool = key("also FD-DINOv2 (metrics.fd_dinov2): Frechet distance of DINOv2 CLS features, against "
+                          "the reference images (ImageNet: needs reference=dataset)", False)
+    dinov2_model: Literal["dinov2-vit-s-14", "dinov2-vit-b-14", "dinov2-vit-l-14", "dinov2-vit-g-14"] = key(
+        "torch-fidelity DINOv2 extractor of fd_dinov2 (EDM2 and RAE report ViT-L/14)", "dinov2-vit-l-14")
+    dinov2_weights: Optional[str] = key("local official dinov2_*_pretrain.pth of dinov2_model; null = cache_dir, "
+                                        "downloaded if missing", None)
     reference: Optional[Literal["dataset", "adm_npz"]] = key("statistics of the data's images or the ADM npz", None)
     reference_npz: Optional[str] = key("ADM reference batch; null = cache_dir/resolution.adm_reference", None)
     prc: bool = key("precision and recall", False)
@@ -142,7 +154,7 @@ class EvalSchema:
 
 @dataclass
 class RepaSchema:
-    """Representation alignment (`repa` group)."""
+    """Representation regulariser (`repa` group): `off`, REPA (`on`, DINOv2) or the dispersive loss (`dispersive`)."""
 
     enabled: bool = key("REPA on or off")
     target_encoder: Optional[str] = key("timm name of the frozen target encoder", None)
@@ -150,7 +162,13 @@ class RepaSchema:
     target_kwargs: Optional[dict] = key("extra timm.create_model arguments", None)
     align_layer: Optional[int] = key("1-based block whose output is aligned", None, ge=1)
     projector_dim: Optional[int] = key("hidden width of the 3-layer projector", None, ge=1)
-    weight: Optional[float] = key("weight of the 1 - cos loss", None, ge=0)
+    weight: Optional[float] = key("weight of the regulariser's loss (REPA's 1 - cos, or the dispersive loss)",
+                                  None, ge=0)
+    dispersive: bool = key("dispersive loss on the model's own hidden states (repa=dispersive; not with enabled)",
+                           False)
+    temperature: Optional[float] = key("dispersive loss temperature tau", None, gt=0)
+    layer: Optional[int] = key("1-based block whose output the dispersive loss reads; null = model.depth // 4",
+                               None, ge=1)
 
 
 @dataclass

@@ -54,7 +54,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-METRICS = ("fid", "isc_mean", "kid_mean", "precision", "recall")
+METRICS = ("fid", "isc_mean", "kid_mean", "precision", "recall", "fd_dinov2")  # fd_dinov2: eval.fd_dinov2
 CURVE_METRICS = (*METRICS, "isc_std", "kid_std", "f_score", "num_samples")
 
 
@@ -70,7 +70,7 @@ def summary_row(results: dict) -> dict[str, Any]:
            "config_id": results.get("config_id")}
     row.update({k: v for k, v in (results.get("metrics") or {}).items() if k in METRICS})
     for stage, keys in (("train", ("images_per_s", "wall_time_s", "final_loss")),
-                        ("sample", ("images_per_s", "wall_time_s", "num_recompute", "sharing_ratio",
+                        ("sample", ("images_per_s", "wall_time_s", "num_recompute", "sharing_ratio", "nfe_per_image",
                                     "encoder_passes_per_image", "decoder_passes_per_image"))):
         stats = results.get(stage) or {}
         row.update({f"{stage}.{k}": stats[k] for k in keys if k in stats})

@@ -67,15 +67,16 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
 
 
-# Block options of checkpoints written before they existed: DDT's.
-SIGNATURE_DEFAULTS = {"arch": "ddt", "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope", "qk_norm": True}
+# Block options of checkpoints written before they existed: DDT's (a decoder as wide as the encoder).
+SIGNATURE_DEFAULTS = {"arch": "ddt", "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope", "qk_norm": True,
+                      "decoder_hidden_size": None, "decoder_num_heads": None}
 
 
 def model_signature(model: nn.Module) -> dict:
     """The constructor arguments (for ddt.models.build_model) that a checkpoint must match."""
     return {k: getattr(model, k, None) for k in
             ("arch", "in_channels", "patch_size", "hidden_size", "num_heads", "depth", "encoder_depth",
-             "num_classes", "norm", "ffn", "pos", "qk_norm")}
+             "num_classes", "norm", "ffn", "pos", "qk_norm", "decoder_hidden_size", "decoder_num_heads")}
 
 
 def check_signature(saved: dict, model: nn.Module, path: Path) -> None:

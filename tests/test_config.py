@@ -14,7 +14,7 @@ GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
 def test_every_group_has_options():
-    assert GROUPS["model"] == ["ddt_b", "ddt_l", "ddt_s", "ddt_xl", "quickstart"]
+    assert GROUPS["model"] == ["ddt_b", "ddt_l", "ddt_s", "ddt_xl", "ddt_xl_dh", "quickstart"]
     assert {"default", "quickstart", "smoke"} <= set(GROUPS["train"])
     assert {"fid_digits", "fid_imagenet", "none"} <= set(GROUPS["eval"])
 
@@ -39,7 +39,7 @@ def test_quickstart_defaults(compose):
     plain = validate(compose())
     assert model_kwargs(plain) == dict(arch="ddt", in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
                                        encoder_depth=22, num_classes=10, norm="rmsnorm", ffn="swiglu", pos="rope",
-                                       qk_norm=True)
+                                       qk_norm=True, decoder_hidden_size=None, decoder_num_heads=None)
     assert plain["model"]["decoder_depth"] == 6
     assert stages(compose()) == ["train", "sample", "evaluate"]
     assert sampler_kwargs(plain)["num_steps"] == 16

@@ -119,3 +119,16 @@ def test_curve_settings_are_checked_before_any_work(compose):
         validate(compose("eval.curve_num_samples=0"))
     with pytest.raises(ValueError, match="eval=none computes no metrics"):
         validate(compose("eval=none", "eval.every_steps=100"))
+
+
+def test_keys_added_later_at_their_old_value_leave_config_id_and_completion_alone():
+    from ddt.config import comparable, config_id
+
+    old = {"seed": 0, "model": {"depth": 4}, "sampler": {"solver": "euler"}, "eval": {"name": "fid_digits"}}
+    new = {"seed": 0, "model": {"depth": 4, "decoder_hidden_size": None, "decoder_num_heads": None},
+           "sampler": {"solver": "euler", "order": None},
+           "eval": {"name": "fid_digits", "fd_dinov2": False, "dinov2_model": "dinov2-vit-l-14", "dinov2_weights": None}}
+    assert comparable(new) == old and config_id(new) == config_id(old)
+    assert new["sampler"] == {"solver": "euler", "order": None}  # a copy: the caller's config is untouched
+    changed = {**new, "eval": {**new["eval"], "fd_dinov2": True}}
+    assert config_id(changed) != config_id(old)  # a new key set to something new is a new setting

@@ -35,6 +35,8 @@ def files(tmp_path_factory):
                  "encoder_depth": 22, "num_classes": 10, "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope",
                  "qk_norm": True}
     torch.save({"model": {}, "ema": {}, "step": 1, "signature": signature}, root / "narrow.pt")
+    wide = {**signature, "hidden_size": 64, "decoder_hidden_size": 128}  # the quickstart with a wide head
+    torch.save({"model": {}, "ema": {}, "step": 1, "signature": wide}, root / "wide_head.pt")
     (root / "a_file").write_text("not a folder")
     return root
 
@@ -81,10 +83,21 @@ CASES = [  # (command-line overrides, what stderr must name)
     (["stage=evaluate"], "no weights to sample from: no ckpt= was given"),
     (["stage=evaluate", "ckpt={files}/corrupt.pt"], "corrupt.pt is not a readable checkpoint"),
     (["stage=evaluate", "ckpt={files}/narrow.pt"], "model.hidden_size: checkpoint 32, config 64"),
+    (["stage=evaluate", "ckpt={files}/wide_head.pt"], "model.decoder_hidden_size: checkpoint 128, config None"),
+    (["model.decoder_hidden_size=100"], "model.decoder_hidden_size=100 / model.decoder_num_heads=4"),
+    (["baseline=improved_sit", "model.decoder_hidden_size=96"], "model.decoder_hidden_size=96 sizes a DDT's decoder"),
     (["hydra.run.dir={files}/a_file/run"], "a_file is a file, not a folder"),
     (["resolution=r256", "repa=on", "data=imagenet", "data.root={files}/no_imagenet",
       "resolution.vae={files}/no_vae", "repa.target_weights={files}/no_dinov2.safetensors"],
      "no_imagenet|no_vae|no_dinov2"),  # a missing data folder, VAE and DINOv2 file in one go
+    (["eval.fd_dinov2=true", "eval.dinov2_weights={files}/no_dinov2_vitl14.pth"],
+     "no_dinov2_vitl14.pth does not exist. Download https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/"),
+    (["eval.fd_dinov2=true", "cache_dir={files}/empty_cache"],  # offline (HF_HUB_OFFLINE=1): nothing to download
+     "dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth|empty_cache/dinov2_vitl14_pretrain.pth"),
+    (["resolution=r256", "data=imagenet", "data.root={files}/folder", "eval.fd_dinov2=true"],
+     "eval.fd_dinov2=true needs DINOv2 statistics of the reference images, but the ADM reference batch"),
+    (["repa=dispersive", "repa.layer=29"], "repa.layer=29 gives block 29 for the dispersive loss"),
+    (["repa=dispersive", "repa.enabled=true"], "repa.dispersive=true and repa.enabled=true cannot be combined"),
 ]
 
 

@@ -74,6 +74,19 @@ def test_evaluate_only_sweep_over_sharing_from_a_checkpoint(tmp_path, cache_dir)
     assert dp["recompute_steps"][0] == 0 and len(dp["recompute_steps"]) == 3 and dp["dp_cost"] <= dp["uniform_cost"]
     schedule = json.loads((runs["dp"][0] / "sharing_schedule.json").read_text())
     assert len(schedule["similarity"]) == 6 and schedule["recompute_steps"] == dp["recompute_steps"]
+    # Adams-Bashforth takes Euler's sharing decisions and one evaluation per step (fresh timestep too)
+    launch("-m", *SHORT, "sampler=adams", "sampler.order=3", "sampler.num_steps=6", "stage=evaluate", f"ckpt={ckpt}",
+           "sampler.sharing=uniform,dp", "sampler.num_recompute=3", "sampler.fresh_timestep=true",
+           f"hydra.sweep.dir={tmp_path / 'adams'}")
+    for path in (tmp_path / "adams").glob("*/results.json"):
+        results = json.loads(path.read_text())
+        adams = results["sample"]
+        assert results["status"] == "completed" and results["config"]["sampler"]["order"] == 3
+        assert adams["nfe_per_image"] == 6 and none["nfe_per_image"] == 6
+        if adams["sharing"] == "uniform":
+            assert adams["recompute_steps"] == uniform["recompute_steps"] and adams["encoder_passes_per_image"] == 6
+        else:  # dp measures step similarities on Adams trajectories: its own schedule, of the same size
+            assert adams["recompute_steps"][0] == 0 and len(adams["recompute_steps"]) == 3
 
 
 def test_multirun_over_encoder_depth(tmp_path, cache_dir):

@@ -115,6 +115,6 @@ def test_rope_real_form_under_compile_equals_the_complex_form():
 def test_patchify_round_trip_matches_unfold_order():
     model = build_ddt("quickstart", in_channels=3, patch_size=4, num_classes=10)
     x = torch.randn(2, 3, 16, 8)
-    patches, _ = model._patches(x)
+    patches = model._patches(x)
     assert torch.equal(patches, torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
     assert torch.equal(model._unpatchify(patches, x.shape[2:]), x)

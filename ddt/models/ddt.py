@@ -11,6 +11,18 @@ qk-norm); the other values build the paper's "naive" DiT-style variants (LayerNo
 fixed 2-D sin-cos positions). `SiT` is the paper's Improved-SiT baseline: the same blocks in one
 undivided stack, every block conditioned on SiLU(t_emb + y_emb), no self-condition.
 
+`decoder_hidden_size` / `decoder_num_heads` (default: the encoder's, which is the DDT above,
+parameter for parameter) make the decoder a wide head as in RAE's DiT-DH (Zheng et al., arXiv
+2510.11690, `DiTwDDTHead` in github.com/bytetriper/RAE stage2/models/DDT.py). Followed from RAE: the
+decoder blocks, the decoder's patch embedder `x_embedder` and the final layer run at the head width
+W with their own head count (and RoPE of the head's head_dim); the encoder's s = SiLU(t_emb + h)
+enters the head through one Linear `s_projector` (D -> W, PyTorch's default init; a parameterless
+identity when W = D), applied to a fresh and a reused s alike, and the projected s modulates every
+head block and the final layer; the timestep and label embedders stay at the encoder's width.
+Departed from RAE: `forward` returns s at the encoder's width, before the projection (RAE returns
+only the velocity), so that encoder sharing reuses it unchanged; the blocks keep DDT's options
+(qk-norm, no qkv bias) rather than RAE's LightningDiT ones.
+
 Time convention: t = 0 is pure noise, t = 1 is data.
 """
 from __future__ import annotations
@@ -256,28 +268,42 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 class _Transformer(nn.Module):
-    """Embedders, blocks, final layer, positions and (un)patchify shared by DDT and SiT."""
+    """Embedders, blocks, final layer, positions and (un)patchify shared by DDT and SiT.
+
+    blocks[encoder_depth:], x_embedder and final_layer run at decoder_hidden_size with
+    decoder_num_heads; None (stored when equal to the encoder's) means hidden_size and num_heads.
+    """
 
     decoupled = False  # whether the model has a condition encoder whose output s can be reused
 
     def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, num_heads: int, depth: int,
                  num_classes: int, norm: str = "rmsnorm", ffn: str = "swiglu", pos: str = "rope",
-                 qk_norm: bool = True):
+                 qk_norm: bool = True, encoder_depth: int = 0, decoder_hidden_size: int | None = None,
+                 decoder_num_heads: int | None = None):
         super().__init__()
         if pos not in POSITIONS:
             raise ValueError(f"model.pos={pos!r} is unknown; use one of {POSITIONS}")
+        if not self.decoupled and (decoder_hidden_size or decoder_num_heads):
+            raise ValueError(f"model.decoder_hidden_size={decoder_hidden_size} and model.decoder_num_heads="
+                             f"{decoder_num_heads} size a DDT's decoder; model.arch={self.arch} has none: "
+                             f"leave them null")
         self.in_channels, self.patch_size = in_channels, patch_size
         self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
+        self.decoder_hidden_size = decoder_hidden_size if decoder_hidden_size != hidden_size else None
+        self.decoder_num_heads = decoder_num_heads if decoder_num_heads != num_heads else None
         self.num_classes = num_classes
         self.norm, self.ffn, self.pos, self.qk_norm = norm, ffn, pos, qk_norm
         self.patch_dim = in_channels * patch_size**2
+        width, heads = self.decoder_size
         if self.decoupled:  # created first, so that a seed gives the same initial weights as before
             self.s_embedder = PatchEmbed(self.patch_dim, hidden_size)  # the encoder's input
-        self.x_embedder = PatchEmbed(self.patch_dim, hidden_size)  # the decoder's (SiT: the only) input
+        self.x_embedder = PatchEmbed(self.patch_dim, width)  # the decoder's (SiT: the only) input
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        self.blocks = nn.ModuleList(DDTBlock(hidden_size, num_heads, norm, ffn, qk_norm) for _ in range(depth))
-        self.final_layer = FinalLayer(hidden_size, self.patch_dim)
+        self.blocks = nn.ModuleList(
+            DDTBlock(hidden_size, num_heads, norm, ffn, qk_norm) if i < encoder_depth
+            else DDTBlock(width, heads, norm, ffn, qk_norm) for i in range(depth))
+        self.final_layer = FinalLayer(width, self.patch_dim)
         self._position_cache: dict[tuple, Rope | torch.Tensor] = {}
         self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
 
@@ -302,30 +328,39 @@ class _Transformer(nn.Module):
     def patch_embedders(self) -> list[PatchEmbed]:
         return [self.s_embedder, self.x_embedder] if self.decoupled else [self.x_embedder]
 
-    def positions(self, height: int, width: int, device: torch.device,
-                  dtype: torch.dtype = torch.float32) -> Rope | torch.Tensor:
-        """RoPE tables (complex and cos/sin) or the sin-cos embedding (N, D), cached per grid, device and dtype."""
-        key = (height, width, device, dtype)
+    @property
+    def decoder_size(self) -> tuple[int, int]:
+        """Width and heads of the decoder blocks (SiT: of every block)."""
+        return self.decoder_hidden_size or self.hidden_size, self.decoder_num_heads or self.num_heads
+
+    def positions(self, height: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                  size: tuple[int, int] | None = None) -> Rope | torch.Tensor:
+        """RoPE tables (complex and cos/sin) or the sin-cos embedding (N, D) for blocks of `size` (width,
+        heads; default the encoder's), cached per grid, size, device and dtype."""
+        hidden_size, num_heads = size or (self.hidden_size, self.num_heads)
+        key = (height, width, hidden_size, num_heads, device, dtype)
         if key not in self._position_cache:
             if self.pos == "rope":
-                angles = rope_2d(self.hidden_size // self.num_heads, height, width)
+                angles = rope_2d(hidden_size // num_heads, height, width)
                 table = Rope(*(t.to(device) for t in rope_tables(angles, dtype)))
             else:
-                table = sincos_2d(self.hidden_size, height, width).to(device, dtype)
+                table = sincos_2d(hidden_size, height, width).to(device, dtype)
             self._position_cache[key] = table
         return self._position_cache[key]
 
-    def _patches(self, x: torch.Tensor) -> tuple[torch.Tensor, Rope | torch.Tensor]:
-        """Patches (B, N, C*p*p) in (C, p, p) order (as F.unfold) and the position table of their grid."""
+    def _patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Patches (B, N, C*p*p) in (C, p, p) order (as F.unfold)."""
         B, C, H, W = x.shape
         p = self.patch_size
-        positions = self.positions(H // p, W // p, x.device, torch.promote_types(x.dtype, torch.float32))
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
-        return patches.reshape(B, (H // p) * (W // p), C * p * p), positions  # one copy, contiguous
+        return patches.reshape(B, (H // p) * (W // p), C * p * p)  # one copy, contiguous
 
-    def _embed(self, embedder: PatchEmbed, patches: torch.Tensor,
-               positions: Rope | torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
-        """Patch tokens (+ sin-cos positions) and the RoPE tables the blocks apply (None for sin-cos)."""
+    def _embed(self, embedder: PatchEmbed, patches: torch.Tensor, x: torch.Tensor,
+               size: tuple[int, int] | None = None) -> tuple[torch.Tensor, Rope | None]:
+        """Patch tokens (+ sin-cos positions) and the RoPE tables the blocks of `size` apply (None for sin-cos)."""
+        p = self.patch_size
+        positions = self.positions(x.shape[2] // p, x.shape[3] // p, x.device,
+                                   torch.promote_types(x.dtype, torch.float32), size)
         if self.pos == "rope":
             return embedder(patches), positions
         return embedder(patches) + positions.to(patches.dtype), None
@@ -343,36 +378,36 @@ class DDT(_Transformer):
     arch, decoupled = "ddt", True
 
     def __init__(self, *, encoder_depth: int, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(encoder_depth=encoder_depth, **kwargs)
         if not 0 < encoder_depth < self.depth:
             raise ValueError(f"encoder_depth={encoder_depth} must be between 1 and depth-1={self.depth - 1} "
                              f"(the decoder needs at least one block)")
         self.encoder_depth = encoder_depth
+        width = self.decoder_size[0]  # s enters a wider (or narrower) head through one linear map, as RAE's
+        self.s_projector = nn.Linear(self.hidden_size, width) if width != self.hidden_size else nn.Identity()
         self.initialize_weights()
 
     @property
     def decoder_depth(self) -> int:
         return self.depth - self.encoder_depth
 
-    def _encode(self, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor,
-                positions: Rope | torch.Tensor) -> torch.Tensor:
+    def _encode(self, x: torch.Tensor, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D), one condition per sample
-        h, rope = self._embed(self.s_embedder, patches, positions)
+        h, rope = self._embed(self.s_embedder, patches, x)
         for block in self.blocks[: self.encoder_depth]:
             h = self._block(block, h, c, rope)
         return h
 
-    def _decode(self, x: torch.Tensor, patches: torch.Tensor, s: torch.Tensor,
-                positions: Rope | torch.Tensor) -> torch.Tensor:
-        h, rope = self._embed(self.x_embedder, patches, positions)
+    def _decode(self, x: torch.Tensor, patches: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        s = self.s_projector(s)  # (B, N, W): the head's per-token condition (s itself when W = D)
+        h, rope = self._embed(self.x_embedder, patches, x, self.decoder_size)
         for block in self.blocks[self.encoder_depth:]:
             h = self._block(block, h, s, rope)
         return self._unpatchify(self.final_layer(h, s), x.shape[2:])  # final layer: (B, N, C*p*p)
 
     def encoder_output(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The condition encoder's last hidden state h (B, N, D), before the timestep is added."""
-        patches, positions = self._patches(x)
-        return self._encode(patches, self.t_embedder(t.reshape(-1))[:, None], y, positions)
+        return self._encode(x, self._patches(x), self.t_embedder(t.reshape(-1))[:, None], y)
 
     def self_condition(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """s = SiLU(t_emb + h): the per-token condition of the decoder at time t."""
@@ -380,12 +415,12 @@ class DDT(_Transformer):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 s: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); pass s to skip the encoder."""
-        patches, positions = self._patches(x)
+        """Velocity for x (B, C, H, W) at times t (B,) and labels y (B,); pass s (B, N, D) to skip the encoder."""
+        patches = self._patches(x)
         if s is None:
             t_emb = self.t_embedder(t.reshape(-1))[:, None]  # (B, 1, D)
-            s = F.silu(t_emb + self._encode(patches, t_emb, y, positions))  # (B, N, D), one per token
-        return self._decode(x, patches, s, positions), s
+            s = F.silu(t_emb + self._encode(x, patches, t_emb, y))  # (B, N, D), one per token
+        return self._decode(x, patches, s), s
 
     @classmethod
     def from_official(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],
@@ -415,9 +450,8 @@ class SiT(_Transformer):
         """Velocity for x (B, C, H, W); the second output is None (there is no self-condition)."""
         if s is not None:
             raise ValueError("SiT has no condition encoder: there is no self-condition s to reuse")
-        patches, positions = self._patches(x)
         c = F.silu(self.t_embedder(t.reshape(-1))[:, None] + self.y_embedder(y)[:, None])  # (B, 1, D)
-        h, rope = self._embed(self.x_embedder, patches, positions)
+        h, rope = self._embed(self.x_embedder, self._patches(x), x)
         for block in self.blocks:
             h = self._block(block, h, c, rope)
         return self._unpatchify(self.final_layer(h, c), x.shape[2:]), None
@@ -434,7 +468,15 @@ DDT_PRESETS = {
     "B": (12, 768, 12, 8),
     "L": (24, 1024, 16, 20),
     "XL": (28, 1152, 16, 22),
+    # RAE's DiT-DH (arXiv 2510.11690): the size's blocks as the encoder and a 2-block wide head
+    "S-DH": (14, 384, 6, 12),
+    "B-DH": (14, 768, 12, 12),
+    "L-DH": (26, 1024, 16, 24),
+    "XL-DH": (30, 1152, 16, 28),
 }
+
+# name: (decoder_hidden_size, decoder_num_heads) of the presets whose decoder is a wide head
+HEAD_PRESETS = {name: (2048, 16) for name in ("S-DH", "B-DH", "L-DH", "XL-DH")}
 
 
 ARCHS = {"ddt": DDT, "sit": SiT}
@@ -443,8 +485,9 @@ ARCHS = {"ddt": DDT, "sit": SiT}
 def compile_blocks(model: DDT | SiT, enabled: bool = True) -> DDT | SiT:
     """torch.compile every block in place (parameter names unchanged), or undo it with enabled=False.
 
-    Regional compilation: the blocks share one compiled graph (compiled once, in about a tenth of the
-    time of the whole model), and the embedders and sharing logic stay eager.
+    Regional compilation: blocks of one width share a compiled graph (compiled once, in about a tenth
+    of the time of the whole model; a wide decoder head adds one graph for its width), and the
+    embedders and sharing logic stay eager.
     """
     for block in model.blocks:
         if enabled:
@@ -469,8 +512,10 @@ def build_ddt(preset: str, *, in_channels: int = 4, patch_size: int = 2, num_cla
     if preset not in DDT_PRESETS:
         raise KeyError(f"unknown DDT preset {preset!r}; choose one of {sorted(DDT_PRESETS)}")
     depth, hidden_size, num_heads, default_encoder_depth = DDT_PRESETS[preset]
+    decoder_hidden_size, decoder_num_heads = HEAD_PRESETS.get(preset, (None, None))
     kwargs = dict(in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
                   num_heads=num_heads, depth=depth, num_classes=num_classes,
-                  encoder_depth=encoder_depth or default_encoder_depth)
+                  encoder_depth=encoder_depth or default_encoder_depth,
+                  decoder_hidden_size=decoder_hidden_size, decoder_num_heads=decoder_num_heads)
     kwargs.update(overrides)
     return build_model(arch, **kwargs)

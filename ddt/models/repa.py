@@ -8,11 +8,14 @@ DINOv2 comes from timm (`vit_base_patch14_dinov2.lvd142m`, from the Hugging Face
 weights file for offline clusters). The image is ImageNet-normalised and resized bicubically so
 that DINOv2 yields one token per DDT token: 224 px for 256 px images (16×16 tokens, as the
 official code), 448 px for 512 px images.
+
+`capture_blocks` records the output of any blocks during a forward; REPA reads block align_layer
+through it, and so does the dispersive loss (ddt.objective) for its block.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -65,6 +68,19 @@ class TargetEncoder(nn.Module):
         return tokens[:, self.net.num_prefix_tokens:]
 
 
+@contextmanager
+def capture_blocks(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Within the block, outputs[layer] lists the outputs of model.blocks[layer − 1] (1-based), one per call."""
+    outputs: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    handles = [model.blocks[layer - 1].register_forward_hook(
+        lambda module, args, output, seen=seen: seen.append(output)) for layer, seen in outputs.items()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class RepaLoss(nn.Module):
     """Projector + alignment loss; `capture(model)` records the hidden tokens of block align_layer."""
 
@@ -81,13 +97,8 @@ class RepaLoss(nn.Module):
     @contextmanager
     def capture(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
         """Within the block, the list holds the output of model.blocks[align_layer − 1]."""
-        features: list[torch.Tensor] = []
-        handle = model.blocks[self.align_layer - 1].register_forward_hook(
-            lambda module, args, output: features.append(output))
-        try:
-            yield features
-        finally:
-            handle.remove()
+        with capture_blocks(model, [self.align_layer]) as outputs:
+            yield outputs[self.align_layer]
 
     def forward(self, hidden: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Mean of 1 − cos(projector(hidden), target(images)) over tokens and images."""

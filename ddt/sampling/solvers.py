@@ -1,4 +1,4 @@
-"""Samplers from noise (t = 0) to data (t = 1): Euler, Heun and Euler–Maruyama on one loop.
+"""Samplers from noise (t = 0) to data (t = 1): Euler, Heun, Euler–Maruyama and Adams–Bashforth on one loop.
 
 Grid (official): linspace(0, 1 − last_step, N) then 1.0, respaced by t / (t + (1 − t)·timeshift).
 Guidance v = v_u + w·(v_c − v_u) applies only where cfg_interval[0] < t < cfg_interval[1] (open
@@ -6,6 +6,8 @@ interval, as the official sampler); the unconditional decoder runs only there.
 Encoder sharing: the encoder runs at `recompute_steps` (every evaluation of such a step) and its
 output is reused until the next one. With `fresh_timestep` the reused encoder state h is combined
 with the current step's timestep embedding instead of the recompute step's (the official reuse).
+Adams–Bashforth of order p (`adams`) takes one evaluation per step and moves with the combination of
+the last min(p, i + 1) guided velocities weighted by ddt.sampling.multistep (order 1 is Euler).
 A model without a condition encoder (`model.decoupled` false: the SiT baseline) runs whole at every
 evaluation; asking it for sharing is an error.
 """
@@ -17,7 +19,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-SOLVERS = ("euler", "heun", "sde")
+from ddt.sampling.multistep import adams_weights
+
+SOLVERS = ("euler", "heun", "sde", "adams")
 
 
 def time_grid(num_steps: int, last_step: float | None = None, timeshift: float = 1.0) -> torch.Tensor:
@@ -34,10 +38,12 @@ def time_grid(num_steps: int, last_step: float | None = None, timeshift: float =
 
 @dataclass
 class SamplingStats:
-    """Rows passed through encoder and decoder (a guided evaluation of B images passes 2B rows)."""
+    """Rows passed through encoder and decoder (a guided evaluation of B images passes 2B rows), and
+    network evaluations per image summed over images (NFE: a guided evaluation counts once)."""
 
     encoder_passes: int = 0
     decoder_passes: int = 0
+    evaluations: int = 0
     encoder_outputs: list = field(default_factory=list)  # s of the conditional half, if recorded
 
 
@@ -96,6 +102,7 @@ class GuidedVelocity:
         else:
             v, _ = self.model(xs, tt, y)
         self.stats.decoder_passes += len(y)
+        self.stats.evaluations += len(x)
         if len(halves) == 1:
             return v
         v_uncond, v_cond = v.chunk(2)
@@ -112,12 +119,19 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
            solver: str = "euler", cfg_scale: float = 1.0, cfg_interval: Sequence[float] = (0.0, 1.0),
            timeshift: float = 1.0, last_step: float | None = None,
            recompute_steps: Iterable[int] | None = None, fresh_timestep: bool = False,
-           sde_diffusion: float = 1.0, generator: torch.Generator | None = None,
+           sde_diffusion: float = 1.0, order: int | None = None, generator: torch.Generator | None = None,
            stats: SamplingStats | None = None, record_encoder: bool = False) -> torch.Tensor:
-    """Integrate from noise (t = 0) to data (t = 1); the encoder runs only at `recompute_steps`."""
+    """Integrate from noise (t = 0) to data (t = 1); the encoder runs only at `recompute_steps`.
+
+    `order` (1-4) is the Adams–Bashforth order of solver="adams" (default 2); other solvers take none.
+    """
     if solver not in SOLVERS:
         raise ValueError(f"sampler.solver={solver!r} is unknown; choose one of {SOLVERS}")
+    if order is not None and solver != "adams":
+        raise ValueError(f"sampler.order={order} is the order of solver=adams; solver={solver} has a fixed order")
     grid = time_grid(num_steps, last_step, timeshift)
+    # float64 weights from the float32 grid the network sees (the official grid is float32 too)
+    weights = adams_weights(grid.tolist(), 2 if order is None else order) if solver == "adams" else None
     times, grid = grid.to(noise.device), grid.tolist()  # floats for decisions: no device syncs
     recompute = sorted(set(range(num_steps) if recompute_steps is None else recompute_steps))
     if not model.decoupled and len(recompute) != num_steps:
@@ -137,7 +151,7 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
         eval_times = grid[start:stop + 1] if second_order else grid[start:stop]
         needs_uncond[start] = any(velocity.guided(t) for t in eval_times)
 
-    x = noise
+    x, history = noise, []  # history: the guided velocities a multistep solver still needs
     for i in range(num_steps):
         t, t_next = times[i], times[i + 1]
         dt, last = t_next - t, i == num_steps - 1
@@ -147,6 +161,11 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
             x_pred = x + v * dt
             v_next = velocity(x_pred, t_next, grid[i + 1], halves, first_of_step=False).to(x.dtype)
             x = x + 0.5 * (v + v_next) * dt
+        elif solver == "adams":
+            history = [*history, v][-len(weights[i]):]
+            if len(history) > 1:  # one velocity (order 1, the first step) moves with v itself: exactly Euler
+                v = sum(w * h for w, h in zip(weights[i], history))
+            x = x + v * dt
         elif solver == "sde" and not last:
             w = sde_diffusion * (1 - t)  # diffusion coefficient, vanishing at the data end
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
