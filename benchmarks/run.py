@@ -3,6 +3,7 @@
     python -m benchmarks.run --suite cpu                       # this machine, fp32 (about 15 minutes)
     python -m benchmarks.run --suite gpu                       # CUDA, bf16 autocast, model FLOP utilisation
     python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
+    python -m benchmarks.run --suite official --official PATH  # only that comparison (training and sampling)
     python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
     python -m benchmarks.run --suite cpu --only sample         # re-run one kind of row, keep the others
 
@@ -125,9 +126,9 @@ def measure_train(p: dict, device: torch.device) -> dict:
             "parameters": sum(x.numel() for x in model.parameters())}
 
 
-def measure_official(p: dict, device: torch.device) -> dict:
-    """Forward+backward of the official module and of ours (eager, compiled) on the same weights and input."""
-    from ddt.models import DDT, compile_blocks
+def _official_pair(p: dict, device: torch.device):
+    """The official DDT module (from the file p["official"]) and ours with the same weights, and an input."""
+    from ddt.models import DDT
 
     spec = importlib.util.spec_from_file_location("official_ddt", p["official"])
     official_module = importlib.util.module_from_spec(spec)
@@ -137,18 +138,53 @@ def measure_official(p: dict, device: torch.device) -> dict:
     official = official_module.DDT(in_channels=m["in_channels"], num_groups=m["num_heads"], hidden_size=m["hidden_size"],
                                    num_blocks=m["depth"], num_encoder_blocks=m["encoder_depth"],
                                    patch_size=m["patch_size"], num_classes=m["num_classes"]).to(device)
-    torch.nn.init.normal_(official.final_layer.linear.weight, std=0.02)
+    torch.nn.init.normal_(official.final_layer.linear.weight, std=0.02)  # a non-zero velocity
     ours = DDT(**m).to(device)
     ours.load_state_dict(official.state_dict())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(p["batch_size"], m["in_channels"], p["size"], p["size"], generator=g).to(device)
     t, y = torch.rand(p["batch_size"], generator=g).to(device), torch.randint(0, m["num_classes"], (p["batch_size"],)).to(device)
+    return official, ours, x, t, y
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh module of the same class and weights (compiling one copy leaves the eager one eager)."""
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _first_calls(runs: dict) -> dict[str, float]:
+    """Seconds of the first call of each run, in order: for compiled models, the cold compile."""
+    out = {}
+    for name, fn in runs.items():
+        start = time.perf_counter()
+        fn()
+        out[name] = time.perf_counter() - start
+    return out
+
+
+def measure_official(p: dict, device: torch.device) -> dict:
+    """Forward+backward of the official module and of ours, eager and compiled each its own way
+    (official: torch.compile of the whole module, as its `compile: true`; ours: ddt.models.compile_model),
+    same weights and input, timed round robin; cold compile seconds and recompiles after the first step."""
+    from ddt.models import compile_model
+
+    official, ours, x, t, y = _official_pair(p, device)
     with torch.no_grad():
         max_diff = (official(x, t, y)[0] - ours(x, t, y)[0]).abs().max().item()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
 
     def step(model):
         def run():
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16"):
+            with autocast:
                 loss = model(x, t, y)[0].float().square().mean()
             loss.backward()
         return run
@@ -158,23 +194,87 @@ def measure_official(p: dict, device: torch.device) -> dict:
     peak = row_peak(p, device)
     out = {"flops": flops, "attention_flops": counted["attention"], "matmul_peak_flops": peak,
            "max_abs_diff": max_diff}
-    compiled = compile_blocks(DDT(**m).to(device))
-    compiled.load_state_dict(official.state_dict())
-    runs = {"official": step(official), "ours": step(ours), "ours_compiled": step(compiled)}
+    runs = {"official": step(official), "official_compiled": step(torch.compile(_copy(official))),
+            "ours": step(ours), "ours_compiled": step(compile_model(_copy(ours)))}
+    graphs = _graphs()
+    # ours first, so that its cold compile does not reuse kernels the official compile made
+    out["cold_compile_s"] = _first_calls({k: runs[k] for k in ("ours_compiled", "official_compiled")})
     for run in runs.values():
-        timed(run, device, 2)  # warm-up (and compilation)
+        timed(run, device, 2)  # warm-up (the second step of a compiled model may compile backward variants)
+    warm_graphs = _graphs()
     for name, best in best_round_robin(runs, device, p["repeats"]).items():
         out[name] = {"seconds": best, "flops_per_s": flops / best, "fraction_of_peak": flops / best / peak}
+    out["graphs_compiled"] = warm_graphs - graphs
+    out["recompiles_after_warmup"] = _graphs() - warm_graphs
+    return out
+
+
+def official_euler(net, noise: torch.Tensor, labels: torch.Tensor, *, null_label: int, num_steps: int,
+                   cfg_scale: float, refresh_every: int) -> torch.Tensor:
+    """The official EulerSampler loop (stateful_flow_matching/sampling.py, timeshift 1): cond and uncond
+    batched at every step, the encoder state s refreshed every `refresh_every` steps, guidance on the
+    open interval (0, 1)."""
+    grid = torch.cat([torch.linspace(0.0, 1 - 1 / num_steps, num_steps), torch.tensor([1.0])]).to(noise.device)
+    null = torch.full_like(labels, null_label)
+    cfg_labels, x, state = torch.cat([null, labels]), noise, None
+    for i in range(num_steps):
+        t = grid[i].repeat(len(x))
+        if i % refresh_every == 0:
+            state = None
+        out, state = net(torch.cat([x, x]), t.repeat(2), cfg_labels, state)
+        uncond, cond = out.chunk(2)
+        w = cfg_scale if 0 < grid[i] < 1 else 1.0
+        x = x + (uncond + w * (cond - uncond)) * (grid[i + 1] - grid[i])
+    return x
+
+
+def measure_official_sample(p: dict, device: torch.device) -> dict:
+    """Euler sampling with CFG: the official module compiled its way in the official sampler loop against
+    ours (ddt.sampling.sample, compile_model), without and with encoder sharing; images/s and how far apart."""
+    from ddt.models import compile_model
+    from ddt.sampling import sample, uniform_recompute_steps
+
+    official, ours, x, _, labels = _official_pair(p, device)
+    official, ours = torch.compile(official.eval()), compile_model(ours.eval())
+    steps, every = p["num_steps"], p["every"]
+    recompute = uniform_recompute_steps(steps, -(-steps // every))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=p["precision"] == "bf16")
+    outputs = {}
+
+    def run(name: str, sharing: bool):
+        def go():
+            with autocast, torch.no_grad():
+                if name == "official":
+                    outputs[name, sharing] = official_euler(official, x, labels, null_label=p["model"]["num_classes"],
+                                                            num_steps=steps, cfg_scale=p["cfg_scale"],
+                                                            refresh_every=every if sharing else 1)
+                else:
+                    outputs[name, sharing] = sample(ours, x, labels, num_steps=steps, cfg_scale=p["cfg_scale"],
+                                                    recompute_steps=recompute if sharing else None)
+        return go
+
+    runs = {f"{name} {'sharing' if sharing else 'none'}": run(name, sharing)
+            for sharing in (False, True) for name in ("ours", "official")}
+    for go in runs.values():
+        go()  # compiles (the official module's encoder-skipping call is a second graph)
+    graphs = _graphs()
+    best = best_round_robin(runs, device, p["repeats"])
+    out = {name: {"seconds": s, "images_per_s": p["batch_size"] / s} for name, s in best.items()}
+    for sharing in (False, True):
+        key = "sharing" if sharing else "none"
+        out[f"speedup {key}"] = best[f"official {key}"] / best[f"ours {key}"]
+        out[f"max_abs_diff {key}"] = (outputs["ours", sharing] - outputs["official", sharing]).abs().max().item()
+    out["recompiles_after_warmup"] = _graphs() - graphs
     return out
 
 
 def measure_sample(p: dict, device: torch.device) -> dict:
     """Images/s of Euler sampling with CFG (one batched cond/uncond call), without and with encoder sharing."""
     from benchmarks.sharing import bound, pass_costs
-    from ddt.models import compile_blocks
+    from ddt.models import compile_model
     from ddt.sampling import sample, uniform_recompute_steps
 
-    model = compile_blocks(_model(p["model"], device).eval(), p["compile"])
+    model = compile_model(_model(p["model"], device).eval(), p["compile"])
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(p["batch_size"], p["model"]["in_channels"], p["size"], p["size"], generator=g).to(device)
     labels = torch.arange(p["batch_size"], device=device) % p["model"]["num_classes"]
@@ -265,7 +365,8 @@ def measure_peak(p: dict, device: torch.device) -> dict:
     return {name: matmul_peak(device, dtypes[name], n) for name, n in p["n"].items()}
 
 
-MEASURE = {"train": measure_train, "official": measure_official, "sample": measure_sample,
+MEASURE = {"train": measure_train, "official": measure_official, "official_sample": measure_official_sample,
+           "sample": measure_sample,
            "eval": measure_eval, "data": measure_data, "peak": measure_peak}
 
 
@@ -296,6 +397,23 @@ def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps:
     return rows
 
 
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def official_rows(official: str, precision: str) -> list[dict]:
+    """The two shapes of the official comparison, training (forward+backward) and sampling."""
+    return [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S, size=32,
+                 batch_size=8, repeats=5, precision=precision, peak_n=2048),
+            dict(kind="official", name="overhead-bound: quickstart width, batch 64, 64 tokens", official=official,
+                 model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=10, precision=precision, peak_n=2048),
+            dict(kind="official_sample", name="quickstart width, 64 tokens", official=official,
+                 model=QUICKSTART_64_TOKENS, size=16, batch_size=64, num_steps=50, every=4, cfg_scale=2.0,
+                 repeats=2, precision=precision)]
+
+
 def suite(name: str, official: str | None) -> list[dict]:
     """The measurements of a suite, in order."""
     if name == "smoke":
@@ -306,8 +424,17 @@ def suite(name: str, official: str | None) -> list[dict]:
                  dict(kind="eval", num_samples=20, size=32, batch_size=10),
                  dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0)]
         if official:
-            rows.append(dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
-                             repeats=1, precision="fp32", peak_n=256))
+            rows += [dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
+                          repeats=1, precision="fp32", peak_n=256),
+                     dict(kind="official_sample", name="tiny", official=official, model=TINY, size=16, batch_size=4,
+                          num_steps=4, every=2, cfg_scale=2.0, repeats=1, precision="fp32")]
+        return rows
+    if name == "official":  # the official comparison alone (CPU): fp32, and bf16 where the CPU has bf16 units
+        if not official:
+            raise ValueError("--suite official needs --official PATH (the official decoupled_improved_dit.py)")
+        rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 2048 if cpu_has_bf16_units() else 512})]
+        for precision in ("fp32", "bf16") if cpu_has_bf16_units() else ("fp32",):
+            rows += official_rows(official, precision)
         return rows
     if name == "cpu":
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 512})]
@@ -322,11 +449,9 @@ def suite(name: str, official: str | None) -> list[dict]:
         rows += [dict(kind="eval", num_samples=500, size=64, batch_size=50),
                  *[dict(kind="data", images=256, image_size=256, batch_size=64, batches=40, workers=w) for w in (0, 2)]]
         if official:
-            rows += [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S,
-                          size=32, batch_size=8, repeats=5, precision="fp32", peak_n=2048),
-                     dict(kind="official", name="overhead-bound: quickstart width, batch 64, 64 tokens",
-                          official=official, model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=10,
-                          precision="fp32", peak_n=2048)]
+            rows += official_rows(official, "fp32")
+            if cpu_has_bf16_units():  # the official recipe trains in bf16-mixed; without the units bf16 is emulated
+                rows += official_rows(official, "bf16")
         return rows
     if name == "gpu":  # most important first: a suite cut short keeps what it measured
         rows = [dict(kind="peak", n={"fp32": 8192, "bf16": 8192})]
@@ -347,13 +472,15 @@ def suite(name: str, official: str | None) -> list[dict]:
                  dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
                       precision="bf16", compile=False, steps=5, activation_checkpointing=True, peak_n=8192)]
         return rows
-    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu or gpu")
+    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official or gpu")
 
 
 def run_one(params: dict, device: str) -> dict:
     """One measurement in a fresh interpreter; its JSON result is the last line it prints."""
     cmd = [sys.executable, "-m", "benchmarks.run", "--device", device, "--one", json.dumps(params)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    with tempfile.TemporaryDirectory() as cache:  # an empty inductor cache: compile times are cold ones
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+                              env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     if proc.returncode:
         raise RuntimeError(f"benchmark {params['kind']} {params.get('name', '')} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -415,15 +542,38 @@ def report(result: dict) -> str:
                     text += f" / {100 * (1 - attention / res['flops']) * share:.0f}%"
                 return text + ")"
             gflop = f"{res['flops'] / 1e9:.2f}" + (f" ({attention / 1e9:.2f})" if attention is not None else "")
-            body.append([r["name"], r["precision"], gflop, cell("official"), cell("ours"),
-                         cell("ours_compiled"), f"{res['official']['seconds'] / res['ours']['seconds']:.2f}x",
-                         f"{res['official']['seconds'] / res['ours_compiled']['seconds']:.2f}x",
-                         f"{res['max_abs_diff']:.1e}"])
-        lines += ["Forward+backward against the official module (same weights and input, timed round robin; % of "
-                  "the matmul peak measured in the same process, counting all FLOPs / only the matrix products "
-                  "outside attention):", ""]
-        lines += _table(["shape", "precision", "GFLOP (attention)", "official", "ours", "ours compiled", "speedup",
-                         "speedup compiled", "max abs diff"], body)
+            compiled = "official_compiled" in res  # results from before the official compile was timed lack it
+            speedup = (f"{res['official_compiled']['seconds'] / res['ours_compiled']['seconds']:.2f}x"
+                       if compiled else "-")
+            cold = res.get("cold_compile_s", {})
+            body.append([r["name"], r["precision"], gflop, cell("official"),
+                         cell("official_compiled") if compiled else "-", cell("ours"), cell("ours_compiled"),
+                         f"{res['official']['seconds'] / res['ours']['seconds']:.2f}x", speedup,
+                         " / ".join(f"{cold[k]:.0f}" for k in ("ours_compiled", "official_compiled") if k in cold) or "-",
+                         res.get("recompiles_after_warmup", "-"), f"{res['max_abs_diff']:.1e}"])
+        lines += ["Forward+backward against the official module (same weights and input, timed round robin; "
+                  "official compiled = `torch.compile` of the whole module, as its `compile: true`; ours compiled "
+                  "= `ddt.models.compile_model`; % of the matmul peak measured in the same process, counting all "
+                  "FLOPs / only the matrix products outside attention):", ""]
+        lines += _table(["shape", "precision", "GFLOP (attention)", "official", "official compiled", "ours",
+                         "ours compiled", "speedup eager", "speedup compiled", "cold compile s (ours / official)",
+                         "recompiles after warm-up", "max abs diff"], body)
+    official_sampling = [r for r in rows if r["kind"] == "official_sample"]
+    if official_sampling:
+        body = []
+        for r in official_sampling:
+            res = r["result"]
+            for key in ("none", "sharing"):
+                body.append([r["name"], r["batch_size"], r["num_steps"], r["precision"], key,
+                             f"{res['official ' + key]['images_per_s']:.2f}", f"{res['ours ' + key]['images_per_s']:.2f}",
+                             f"{res['speedup ' + key]:.2f}x", f"{res['max_abs_diff ' + key]:.1e}",
+                             res["recompiles_after_warmup"]])
+        lines += [f"Euler sampling with CFG {official_sampling[0]['cfg_scale']}, both compiled: the official module "
+                  f"(`torch.compile`) in the official sampler loop (cond and uncond batched at every step; sharing: "
+                  f"state refreshed every {official_sampling[0]['every']} steps) against `ddt.sampling.sample` on "
+                  f"`compile_model` (sharing: uniform, the same steps), timed round robin:", ""]
+        lines += _table(["model", "batch", "steps", "precision", "sharing", "official img/s", "ours img/s", "speedup",
+                         "max abs diff of the samples", "recompiles after warm-up"], body)
     sampling = [r for r in rows if r["kind"] == "sample"]
     if sampling:
         body = [[r["name"], r["batch_size"], steps, r["precision"], "yes" if r["compile"] else "no",
@@ -458,7 +608,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "gpu"])
+    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "gpu"])
     parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
     parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -35,7 +35,7 @@ from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, fd_dinov2, generate_samples, image_grid, read_samples, sample_labels,
                           sample_noise, write_grid, write_npz)
-from ddt.models import DDT, build_model, compile_blocks
+from ddt.models import DDT, build_model, compile_model
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
 from ddt.train import SIGNATURE_DEFAULTS, Trainer, TrainConfig, model_signature
@@ -451,7 +451,7 @@ def _write_samples(plain: dict, model: DDT, out_dir: Path, num_samples: int, wei
     world size; images already there are kept); returns (sampling stats, encoder-sharing schedule)."""
     sampler = plain["sampler"]
     model.eval()
-    compile_blocks(model, sampler["compile"])
+    compile_model(model, sampler["compile"])
     device = next(model.parameters()).device
     if parts.codec is not None:
         parts.codec.to(device)

@@ -102,7 +102,7 @@ class TrainSchema:
     keep_every: int = key("also keep checkpoints/step_N.pt on this cadence (0 = never)", 0, ge=0)
     log_every: int = key("log cadence in steps", 100, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = key("auto = bf16 autocast on GPU, fp32 on CPU", "auto")
-    compile: bool = key("torch.compile the blocks", False)
+    compile: bool = key("torch.compile the model the suite's way (ddt.models.compile_model: every block)", False)
     activation_checkpointing: bool = key("recompute block activations in backward (memory for time)", False)
 
 
@@ -117,7 +117,7 @@ class SamplerSchema:
     timeshift: float = key("t -> t / (t + (1 - t) * timeshift)", 1.0, gt=0)
     last_step: Optional[float] = key("size of the final step; null = 1 / num_steps", None, gt=0, lt=1)
     batch_size: int = key("images per sampling batch per rank", 250, ge=1)
-    compile: bool = key("torch.compile the blocks for sampling", False)
+    compile: bool = key("torch.compile the model for sampling (ddt.models.compile_model)", False)
     sharing: Literal["none", "uniform", "dp"] = key("encoder sharing schedule", "none")
     num_recompute: Optional[int] = key("K encoder passes of num_steps; required by uniform and dp", None, ge=1)
     fresh_timestep: bool = key("reused encoder state combined with the current step's timestep", False)

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddt import checkpoint
 from ddt.distributed import max_over_ranks, mean_over_ranks, process_rank
 from ddt.data.order import StepBatches
-from ddt.models import compile_blocks
+from ddt.models import compile_model
 from ddt.objective import Objective
 from ddt.progress import progress as progress_bar
 
@@ -48,7 +48,7 @@ class TrainConfig:
     log_every: int = 100
     precision: str = "auto"
     num_workers: int = 0
-    compile: bool = False  # torch.compile each block (regional compilation: one graph for all blocks)
+    compile: bool = False  # ddt.models.compile_model (regional: every block, one graph per block shape)
     activation_checkpointing: bool = False  # recompute block activations in backward (memory for time)
 
 
@@ -140,7 +140,7 @@ class Trainer:
         self.autocast = autocast_dtype(cfg.precision, self.device)
         model.activation_checkpointing = cfg.activation_checkpointing
         if cfg.compile:
-            compile_blocks(model)  # after the EMA copy: the EMA model is never trained
+            compile_model(model)  # after the EMA copy: the EMA model is never trained
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -203,7 +203,7 @@ def test_reproduces_the_official_sampler(official_tiny, case):
 
 
 def test_compiled_blocks_sample_what_eager_blocks_sample():
-    from ddt.models import compile_blocks
+    from ddt.models import compile_model
 
     torch.manual_seed(1)
     model = DDT(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=4, encoder_depth=3, num_classes=10).eval()
@@ -211,8 +211,8 @@ def test_compiled_blocks_sample_what_eager_blocks_sample():
     noise, labels = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
     kwargs = dict(num_steps=5, solver="adams", order=3, cfg_scale=2.0, cfg_interval=(0.2, 0.9), recompute_steps=[0, 3])
     eager = sample(model, noise, labels, **kwargs)
-    compiled = sample(compile_blocks(model), noise, labels, **kwargs)
-    compile_blocks(model, enabled=False)
+    compiled = sample(compile_model(model), noise, labels, **kwargs)
+    compile_model(model, enabled=False)
     assert (compiled - eager).abs().max() < 1e-5
 
 

@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -48,3 +50,42 @@ def test_flop_count_includes_cpu_attention():
     counted = count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
     # forward: QK^T and PV, 2·N·N·Dh multiply-adds each; backward: five such products
     assert counted == {"total": (2 + 5) * 2 * B * H * N * N * Dh, "attention": (2 + 5) * 2 * B * H * N * N * Dh}
+
+
+# A stand-in for the official module file (not shipped): the official constructor over our DDT, so the
+# rows run here; with the real file (`--official PATH`) they compare the two implementations.
+STAND_IN = '''
+from ddt.models import DDT as _DDT
+
+
+class DDT(_DDT):
+    def __init__(self, in_channels, num_groups, hidden_size, num_blocks, num_encoder_blocks, patch_size, num_classes):
+        super().__init__(in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, num_heads=num_groups,
+                         depth=num_blocks, encoder_depth=num_encoder_blocks, num_classes=num_classes)
+'''
+
+
+@pytest.mark.slow  # four compiles of a tiny model (about 2 minutes on 2 cores)
+def test_official_rows_time_both_compiled_and_the_official_sampler_loop_matches_ours(tmp_path):
+    from benchmarks.run import official_rows, report, run_one
+
+    stand_in = tmp_path / "official.py"
+    stand_in.write_text(STAND_IN)
+    tiny = dict(model={**official_rows("x", "fp32")[1]["model"], "depth": 4, "encoder_depth": 2, "hidden_size": 32,
+                       "num_heads": 2}, size=16, batch_size=4, official=str(stand_in), precision="fp32")
+    rows = [dict(kind="official", name="tiny", repeats=1, peak_n=256, **tiny),
+            dict(kind="official_sample", name="tiny", num_steps=6, every=3, cfg_scale=2.0, repeats=1, **tiny)]
+    results = [{**row, "result": run_one(row, "cpu")} for row in rows]
+    train, sampling = (r["result"] for r in results)
+    for name in ("official", "official_compiled", "ours", "ours_compiled"):
+        assert train[name]["seconds"] > 0 and 0 < train[name]["fraction_of_peak"]
+    assert set(train["cold_compile_s"]) == {"ours_compiled", "official_compiled"}
+    assert train["recompiles_after_warmup"] == 0 and sampling["recompiles_after_warmup"] == 0
+    assert train["max_abs_diff"] == 0  # the stand-in is our model
+    # the official loop (both halves every step, state refreshed every 3 steps) and ddt.sampling.sample
+    # (uniform sharing at the same steps, the unguided t = 0 step on the cond half only) draw the same samples
+    for key in ("none", "sharing"):
+        assert sampling[f"max_abs_diff {key}"] < 1e-5 and sampling[f"speedup {key}"] > 0
+    markdown = report({"machine": {"cpu": "x", "threads": 2, "torch": "2"}, "rows": [
+        {"kind": "peak", "result": {"fp32": 1e11}}, *results]})
+    assert "official compiled" in markdown and "official img/s" in markdown

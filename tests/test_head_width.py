@@ -5,7 +5,7 @@ import torch
 from ddt.config import model_kwargs, validate
 from ddt.data.pixels import ImageTensors
 from ddt.errors import UsageError
-from ddt.models import DDT, HEAD_PRESETS, build_ddt, build_model, compile_blocks
+from ddt.models import DDT, HEAD_PRESETS, build_ddt, build_model, compile_model
 from ddt.models.ddt import DDTBlock, FinalLayer, PatchEmbed
 from ddt.sampling import sample
 from ddt.train import Trainer, TrainConfig
@@ -135,12 +135,12 @@ def test_compiled_blocks_match_eager_with_one_more_graph_for_the_head():
         eager, s = model(x, t, y)
         torch._dynamo.reset()
         counters.clear()
-        compile_blocks(model)
+        compile_model(model)
         compiled, _ = model(x, t, y)
         graphs = counters["stats"]["unique_graphs"]
         again, _ = model(x, t, y)
         reused, _ = model(x, t, y, s=s)
-        compile_blocks(model, enabled=False)
+        compile_model(model, enabled=False)
     assert (compiled - eager).abs().max() < 1e-5 and (reused - eager).abs().max() < 1e-5
     assert torch.equal(compiled, again)
     # today's model compiles 2 graphs (encoder blocks, decoder blocks); the head's width adds one, once

@@ -108,7 +108,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_lazy_imports():
     graph = import_graph()
     assert "ddt.checkpoint" in graph["ddt.models.ddt"]  # imported inside a function only
-    assert "ddt.models" in graph["ddt.train"]  # `from ddt.models import compile_blocks`: the package
+    assert "ddt.models" in graph["ddt.train"]  # `from ddt.models import compile_model`: the package
     assert "ddt.checkpoint" in graph["benchmarks.sharing"]  # `from ddt import checkpoint`: the module
 
 

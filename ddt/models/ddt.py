@@ -482,12 +482,15 @@ HEAD_PRESETS = {name: (2048, 16) for name in ("S-DH", "B-DH", "L-DH", "XL-DH")}
 ARCHS = {"ddt": DDT, "sit": SiT}
 
 
-def compile_blocks(model: DDT | SiT, enabled: bool = True) -> DDT | SiT:
-    """torch.compile every block in place (parameter names unchanged), or undo it with enabled=False.
+def compile_model(model: DDT | SiT, enabled: bool = True) -> DDT | SiT:
+    """The suite's torch.compile (train.compile, sampler.compile): in place, parameter names unchanged;
+    enabled=False undoes it.
 
-    Regional compilation: blocks of one width share a compiled graph (compiled once, in about a tenth
-    of the time of the whole model; a wide decoder head adds one graph for its width), and the
-    embedders and sharing logic stay eager.
+    Regional compilation: every block is compiled, and blocks of one width and condition shape share
+    a graph (encoder blocks, decoder blocks; a wide decoder head adds one graph for its width). It
+    compiles in about a tenth of the time of the whole model, the embedders and the sharing logic
+    stay eager, and forward hooks on blocks (REPA, the dispersive loss) run outside the graphs, so
+    adding and removing them each step recompiles nothing.
     """
     for block in model.blocks:
         if enabled:
