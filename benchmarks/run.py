@@ -48,13 +48,28 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
     return out
 
 
-def best_round_robin(runs: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Best wall seconds of each fn in runs, called in turn `repeats` times (a speed drift hits all alike)."""
+def round_robin(runs: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each fn in runs per round, the fns called in turn `repeats` times (a speed drift hits all alike)."""
     times = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             times[name] += timed(fn, device, 1)
-    return {name: min(seconds) for name, seconds in times.items()}
+    return times
+
+
+def best_round_robin(runs: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Best wall seconds of each fn in runs, timed round robin."""
+    return {name: min(seconds) for name, seconds in round_robin(runs, device, repeats).items()}
+
+
+def round_ratios(times: dict[str, list[float]], slower: str, faster: str) -> dict[str, float]:
+    """Speedup of `faster` over `slower` in each round (same round, same machine speed): median, min, max.
+
+    This machine's speed drifts by 5-20% within minutes; a ratio taken inside one round cancels the drift,
+    and a range that includes 1.0 says the two are not told apart by this run.
+    """
+    ratios = [a / b for a, b in zip(times[slower], times[faster])]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
 
 
 def row_peak(p: dict, device: torch.device) -> float:
@@ -202,8 +217,12 @@ def measure_official(p: dict, device: torch.device) -> dict:
     for run in runs.values():
         timed(run, device, 2)  # warm-up (the second step of a compiled model may compile backward variants)
     warm_graphs = _graphs()
-    for name, best in best_round_robin(runs, device, p["repeats"]).items():
+    times = round_robin(runs, device, p["repeats"])
+    for name, seconds in times.items():
+        best = min(seconds)
         out[name] = {"seconds": best, "flops_per_s": flops / best, "fraction_of_peak": flops / best / peak}
+    out["speedup_rounds"] = {"eager": round_ratios(times, "official", "ours"),
+                             "compiled": round_ratios(times, "official_compiled", "ours_compiled")}
     out["graphs_compiled"] = warm_graphs - graphs
     out["recompiles_after_warmup"] = _graphs() - warm_graphs
     return out
@@ -258,11 +277,13 @@ def measure_official_sample(p: dict, device: torch.device) -> dict:
     for go in runs.values():
         go()  # compiles (the official module's encoder-skipping call is a second graph)
     graphs = _graphs()
-    best = best_round_robin(runs, device, p["repeats"])
+    times = round_robin(runs, device, p["repeats"])
+    best = {name: min(seconds) for name, seconds in times.items()}
     out = {name: {"seconds": s, "images_per_s": p["batch_size"] / s} for name, s in best.items()}
     for sharing in (False, True):
         key = "sharing" if sharing else "none"
         out[f"speedup {key}"] = best[f"official {key}"] / best[f"ours {key}"]
+        out[f"speedup_rounds {key}"] = round_ratios(times, f"official {key}", f"ours {key}")
         out[f"max_abs_diff {key}"] = (outputs["ours", sharing] - outputs["official", sharing]).abs().max().item()
     out["recompiles_after_warmup"] = _graphs() - graphs
     return out
@@ -406,9 +427,9 @@ def cpu_has_bf16_units() -> bool:
 def official_rows(official: str, precision: str) -> list[dict]:
     """The two shapes of the official comparison, training (forward+backward) and sampling."""
     return [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S, size=32,
-                 batch_size=8, repeats=5, precision=precision, peak_n=2048),
+                 batch_size=8, repeats=8, precision=precision, peak_n=2048),
             dict(kind="official", name="overhead-bound: quickstart width, batch 64, 64 tokens", official=official,
-                 model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=10, precision=precision, peak_n=2048),
+                 model=QUICKSTART_64_TOKENS, size=16, batch_size=64, repeats=16, precision=precision, peak_n=2048),
             dict(kind="official_sample", name="quickstart width, 64 tokens", official=official,
                  model=QUICKSTART_64_TOKENS, size=16, batch_size=64, num_steps=50, every=4, cfg_scale=2.0,
                  repeats=2, precision=precision)]
@@ -495,6 +516,13 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
             *["| " + " | ".join(str(c) for c in row) + " |" for row in rows], ""]
 
 
+def _rounds_cell(rounds: dict | None) -> str:
+    """A per-round speedup as 'median (min-max)'; '-' for results from before rounds were kept."""
+    if not rounds:
+        return "-"
+    return f"{rounds['median']:.2f}x ({rounds['min']:.2f}-{rounds['max']:.2f})"
+
+
 def _tokens(row: dict) -> int:
     return (row["size"] // row["model"]["patch_size"]) ** 2
 
@@ -549,14 +577,18 @@ def report(result: dict) -> str:
             body.append([r["name"], r["precision"], gflop, cell("official"),
                          cell("official_compiled") if compiled else "-", cell("ours"), cell("ours_compiled"),
                          f"{res['official']['seconds'] / res['ours']['seconds']:.2f}x", speedup,
+                         _rounds_cell(res.get("speedup_rounds", {}).get("compiled")),
                          " / ".join(f"{cold[k]:.0f}" for k in ("ours_compiled", "official_compiled") if k in cold) or "-",
                          res.get("recompiles_after_warmup", "-"), f"{res['max_abs_diff']:.1e}"])
         lines += ["Forward+backward against the official module (same weights and input, timed round robin; "
                   "official compiled = `torch.compile` of the whole module, as its `compile: true`; ours compiled "
                   "= `ddt.models.compile_model`; % of the matmul peak measured in the same process, counting all "
-                  "FLOPs / only the matrix products outside attention):", ""]
+                  "FLOPs / only the matrix products outside attention; speedups from the best step of each; "
+                  "per round: official compiled / ours compiled within each round, median (min-max) over the "
+                  "rounds; a range that includes 1.00 does not tell the two apart):", ""]
         lines += _table(["shape", "precision", "GFLOP (attention)", "official", "official compiled", "ours",
-                         "ours compiled", "speedup eager", "speedup compiled", "cold compile s (ours / official)",
+                         "ours compiled", "speedup eager", "speedup compiled", "speedup compiled per round",
+                         "cold compile s (ours / official)",
                          "recompiles after warm-up", "max abs diff"], body)
     official_sampling = [r for r in rows if r["kind"] == "official_sample"]
     if official_sampling:
@@ -566,14 +598,16 @@ def report(result: dict) -> str:
             for key in ("none", "sharing"):
                 body.append([r["name"], r["batch_size"], r["num_steps"], r["precision"], key,
                              f"{res['official ' + key]['images_per_s']:.2f}", f"{res['ours ' + key]['images_per_s']:.2f}",
-                             f"{res['speedup ' + key]:.2f}x", f"{res['max_abs_diff ' + key]:.1e}",
+                             f"{res['speedup ' + key]:.2f}x", _rounds_cell(res.get("speedup_rounds " + key)),
+                             f"{res['max_abs_diff ' + key]:.1e}",
                              res["recompiles_after_warmup"]])
         lines += [f"Euler sampling with CFG {official_sampling[0]['cfg_scale']}, both compiled: the official module "
                   f"(`torch.compile`) in the official sampler loop (cond and uncond batched at every step; sharing: "
                   f"state refreshed every {official_sampling[0]['every']} steps) against `ddt.sampling.sample` on "
-                  f"`compile_model` (sharing: uniform, the same steps), timed round robin:", ""]
+                  f"`compile_model` (sharing: uniform, the same steps), timed round robin (speedup from the best "
+                  f"run of each; per round: median (min-max) of the rounds' ratios):", ""]
         lines += _table(["model", "batch", "steps", "precision", "sharing", "official img/s", "ours img/s", "speedup",
-                         "max abs diff of the samples", "recompiles after warm-up"], body)
+                         "speedup per round", "max abs diff of the samples", "recompiles after warm-up"], body)
     sampling = [r for r in rows if r["kind"] == "sample"]
     if sampling:
         body = [[r["name"], r["batch_size"], steps, r["precision"], "yes" if r["compile"] else "no",

@@ -65,6 +65,14 @@ class DDT(_DDT):
 '''
 
 
+def test_round_ratios_divide_within_each_round():
+    from benchmarks.run import round_ratios
+
+    # rounds 1 and 2 ran at different machine speeds; each ratio is taken inside its round
+    ratios = round_ratios({"official": [2.0, 4.0, 3.0], "ours": [1.0, 4.0, 2.0]}, "official", "ours")
+    assert ratios == {"median": 1.5, "min": 1.0, "max": 2.0, "rounds": 3}
+
+
 @pytest.mark.slow  # four compiles of a tiny model (about 2 minutes on 2 cores)
 def test_official_rows_time_both_compiled_and_the_official_sampler_loop_matches_ours(tmp_path):
     from benchmarks.run import official_rows, report, run_one
@@ -73,8 +81,8 @@ def test_official_rows_time_both_compiled_and_the_official_sampler_loop_matches_
     stand_in.write_text(STAND_IN)
     tiny = dict(model={**official_rows("x", "fp32")[1]["model"], "depth": 4, "encoder_depth": 2, "hidden_size": 32,
                        "num_heads": 2}, size=16, batch_size=4, official=str(stand_in), precision="fp32")
-    rows = [dict(kind="official", name="tiny", repeats=1, peak_n=256, **tiny),
-            dict(kind="official_sample", name="tiny", num_steps=6, every=3, cfg_scale=2.0, repeats=1, **tiny)]
+    rows = [dict(kind="official", name="tiny", repeats=2, peak_n=256, **tiny),
+            dict(kind="official_sample", name="tiny", num_steps=6, every=3, cfg_scale=2.0, repeats=2, **tiny)]
     results = [{**row, "result": run_one(row, "cpu")} for row in rows]
     train, sampling = (r["result"] for r in results)
     for name in ("official", "official_compiled", "ours", "ours_compiled"):
@@ -86,6 +94,9 @@ def test_official_rows_time_both_compiled_and_the_official_sampler_loop_matches_
     # (uniform sharing at the same steps, the unguided t = 0 step on the cond half only) draw the same samples
     for key in ("none", "sharing"):
         assert sampling[f"max_abs_diff {key}"] < 1e-5 and sampling[f"speedup {key}"] > 0
+    for rounds in (train["speedup_rounds"]["compiled"], train["speedup_rounds"]["eager"],
+                   sampling["speedup_rounds none"], sampling["speedup_rounds sharing"]):
+        assert rounds["rounds"] == 2 and 0 < rounds["min"] <= rounds["median"] <= rounds["max"]
     markdown = report({"machine": {"cpu": "x", "threads": 2, "torch": "2"}, "rows": [
         {"kind": "peak", "result": {"fp32": 1e11}}, *results]})
     assert "official compiled" in markdown and "official img/s" in markdown
