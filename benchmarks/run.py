@@ -4,6 +4,7 @@
     python -m benchmarks.run --suite gpu                       # CUDA, bf16 autocast, model FLOP utilisation
     python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
     python -m benchmarks.run --suite official --official PATH  # only that comparison (training and sampling)
+    python -m benchmarks.run --suite precision                 # bf16 autocast against fp32 training, by width
     python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
     python -m benchmarks.run --suite cpu --only sample         # re-run one kind of row, keep the others
 
@@ -30,6 +31,7 @@ import torch
 
 from benchmarks.common import machine, sync
 from benchmarks.flops import count_flops, model_flops
+from ddt.train import cpu_has_bf16_units
 
 RESULTS = Path(__file__).parent / "results"
 # Dense bf16 tensor-core peak (FLOP/s) of the GPUs we report MFU for, from the vendors' data sheets.
@@ -117,13 +119,19 @@ def _batch(spec: dict, batch_size: int, size: int, device: torch.device) -> dict
     return {"mean": torch.randn(shape, generator=g), "std": torch.rand(shape, generator=g) * 0.1, "labels": labels}
 
 
+def _objective(spec: dict):
+    """The flow-matching objective for a model spec: latent models train on cached, scaled VAE moments."""
+    from ddt.objective import Objective
+
+    return Objective(scaling_factor=0.18215 if spec["in_channels"] == 4 else None)
+
+
 def measure_train(p: dict, device: torch.device) -> dict:
     """Images/s, step time and peak memory of Trainer.train_step (forward, backward, fused AdamW, EMA)."""
-    from ddt.objective import Objective
     from ddt.train import Trainer, TrainConfig
 
     model = _model(p["model"], device)
-    objective = Objective(scaling_factor=0.18215 if p["model"]["in_channels"] == 4 else None)
+    objective = _objective(p["model"])
     cfg = TrainConfig(max_steps=0, batch_size=p["batch_size"], precision=p["precision"], compile=p["compile"],
                       activation_checkpointing=p.get("activation_checkpointing", False))
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,6 +147,25 @@ def measure_train(p: dict, device: torch.device) -> dict:
     return {"step_s": step, "first_step_s": first, "images_per_s": p["batch_size"] / step,
             "peak_memory_mb": peak_mb, "flops_per_step": eager_flops, "matmul_peak_flops": peak,
             "parameters": sum(x.numel() for x in model.parameters())}
+
+
+def measure_precision(p: dict, device: torch.device) -> dict:
+    """Trainer.train_step with bf16 autocast against fp32 on the same model and batch, timed round robin
+    (what train.precision=auto weighs on a CPU with bf16 units)."""
+    from ddt.train import Trainer, TrainConfig
+
+    batch = _batch(p["model"], p["batch_size"], p["size"], device)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(max_steps=0, batch_size=p["batch_size"], precision=precision, compile=p["compile"])
+        with tempfile.TemporaryDirectory() as tmp:
+            trainer = Trainer(_model(p["model"], device), [], cfg, run_dir=tmp, seed=0,
+                              objective=_objective(p["model"]), progress=False)
+        timed(lambda trainer=trainer: trainer.train_step(batch), device, 2)  # warm-up (and compile)
+        runs[precision] = lambda trainer=trainer: trainer.train_step(batch)
+    times = round_robin(runs, device, p["repeats"])
+    return {**{f"{k}_s": statistics.median(v) for k, v in times.items()},
+            "speedup_rounds": round_ratios(times, "fp32", "bf16")}
 
 
 def _official_pair(p: dict, device: torch.device):
@@ -386,7 +413,7 @@ def measure_peak(p: dict, device: torch.device) -> dict:
     return {name: matmul_peak(device, dtypes[name], n) for name, n in p["n"].items()}
 
 
-MEASURE = {"train": measure_train, "official": measure_official, "official_sample": measure_official_sample,
+MEASURE = {"train": measure_train, "precision": measure_precision, "official": measure_official, "official_sample": measure_official_sample,
            "sample": measure_sample,
            "eval": measure_eval, "data": measure_data, "peak": measure_peak}
 
@@ -418,12 +445,6 @@ def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps:
     return rows
 
 
-def cpu_has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def official_rows(official: str, precision: str) -> list[dict]:
     """The two shapes of the official comparison, training (forward+backward) and sampling."""
     return [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S, size=32,
@@ -443,7 +464,8 @@ def suite(name: str, official: str | None) -> list[dict]:
         rows += [dict(kind="sample", name="tiny", model=TINY, size=16, batch_size=4, num_steps=[4], every=2,
                       cfg_scale=2.0, precision="fp32", compile=False, repeats=1),
                  dict(kind="eval", num_samples=20, size=32, batch_size=10),
-                 dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0)]
+                 dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0),
+                 dict(kind="precision", name="tiny", model=TINY, size=16, batch_size=8, compile=False, repeats=1)]
         if official:
             rows += [dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
                           repeats=1, precision="fp32", peak_n=256),
@@ -456,6 +478,15 @@ def suite(name: str, official: str | None) -> list[dict]:
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 2048 if cpu_has_bf16_units() else 512})]
         for precision in ("fp32", "bf16") if cpu_has_bf16_units() else ("fp32",):
             rows += official_rows(official, precision)
+        return rows
+    if name == "precision":  # bf16 autocast against fp32 training by width: where train.precision=auto switches
+        rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 2048 if cpu_has_bf16_units() else 512})]
+        for width in (64, 128, 256):
+            for patch_size in (4, 2):  # 16 and 64 tokens
+                spec = _spec(28, width, width // 16, 22, in_channels=3, patch_size=patch_size, num_classes=10)
+                rows.append(dict(kind="precision", name=f"28 blocks 22en6de, width {width}", model=spec, size=16,
+                                 batch_size=64, compile=False, repeats=6))
+        rows.append(dict(kind="precision", name="DDT-S/2", model=S, size=32, batch_size=8, compile=False, repeats=4))
         return rows
     if name == "cpu":
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 512})]
@@ -493,7 +524,7 @@ def suite(name: str, official: str | None) -> list[dict]:
                  dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
                       precision="bf16", compile=False, steps=5, activation_checkpointing=True, peak_n=8192)]
         return rows
-    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official or gpu")
+    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official, precision or gpu")
 
 
 def run_one(params: dict, device: str) -> dict:
@@ -608,6 +639,15 @@ def report(result: dict) -> str:
                   f"run of each; per round: median (min-max) of the rounds' ratios):", ""]
         lines += _table(["model", "batch", "steps", "precision", "sharing", "official img/s", "ours img/s", "speedup",
                          "speedup per round", "max abs diff of the samples", "recompiles after warm-up"], body)
+    precision = [r for r in rows if r["kind"] == "precision"]
+    if precision:
+        body = [[r["name"], r["batch_size"], _tokens(r), "yes" if r["compile"] else "no",
+                 f"{r['result']['fp32_s']:.3f}", f"{r['result']['bf16_s']:.3f}",
+                 _rounds_cell(r["result"]["speedup_rounds"])] for r in precision]
+        lines += ["bf16 autocast against fp32 (`Trainer.train_step`, same model and batch, timed round robin; "
+                  "speedup = fp32 / bf16 step within each round, median (min-max)):", ""]
+        lines += _table(["model", "batch", "tokens", "compile", "fp32 step s", "bf16 step s", "bf16 speedup per round"],
+                        body)
     sampling = [r for r in rows if r["kind"] == "sample"]
     if sampling:
         body = [[r["name"], r["batch_size"], steps, r["precision"], "yes" if r["compile"] else "no",
@@ -642,7 +682,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "gpu"])
+    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "precision", "gpu"])
     parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
     parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -101,7 +101,9 @@ class TrainSchema:
     ckpt_every: int = key("checkpoints/last.pt cadence in steps", 10_000, ge=1)
     keep_every: int = key("also keep checkpoints/step_N.pt on this cadence (0 = never)", 0, ge=0)
     log_every: int = key("log cadence in steps", 100, ge=1)
-    precision: Literal["auto", "bf16", "fp32"] = key("auto = bf16 autocast on GPU, fp32 on CPU", "auto")
+    precision: Literal["auto", "bf16", "fp32"] = key(
+        "auto = bf16 autocast on GPU, and on a CPU with bf16 units (AVX512-BF16, AMX) when model.hidden_size >= 128; "
+        "fp32 otherwise", "auto")
     compile: bool = key("torch.compile the model the suite's way (ddt.models.compile_model: every block)", False)
     activation_checkpointing: bool = key("recompute block activations in backward (memory for time)", False)
 

@@ -17,7 +17,9 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert {"cpu", "threads", "torch"} <= set(result["machine"])
     assert "failed" not in result, result.get("failed")
     kinds = {row["kind"]: row["result"] for row in result["rows"]}
-    assert set(kinds) == {"peak", "train", "sample", "eval", "data"}
+    assert set(kinds) == {"peak", "train", "sample", "eval", "data", "precision"}
+    assert kinds["precision"]["fp32_s"] > 0 and kinds["precision"]["bf16_s"] > 0
+    assert kinds["precision"]["speedup_rounds"]["rounds"] == 1
     train = kinds["train"]
     assert train["images_per_s"] > 0 and train["peak_memory_mb"] > 0 and train["flops_per_step"] > 0
     sample = kinds["sample"]["4"]
@@ -25,7 +27,7 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in (kinds["eval"]["feature_images_per_s"], kinds["data"]["images_per_s"]))
     markdown = (tmp_path / "run-smoke.md").read_text()
     assert markdown.strip() == proc.stdout.strip()
-    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads"):
+    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads", "bf16 autocast against fp32"):
         assert title in markdown
 
     # --only re-runs one kind of row and keeps the others

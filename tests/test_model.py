@@ -118,3 +118,64 @@ def test_patchify_round_trip_matches_unfold_order():
     patches = model._patches(x)
     assert torch.equal(patches, torch.nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
     assert torch.equal(model._unpatchify(patches, x.shape[2:]), x)
+
+
+def _attention_grads(fn, q, k, v, grad_out, autocast):
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # strided, as Attention passes them
+    out.float().backward(grad_out)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 4, 16), (2, 64, 2, 64)])  # (B, N, H, head_dim)
+def test_cpu_bf16_attention_forward_is_sdpa_and_its_float32_backward_is_as_close_to_fp32(shape):
+    """Under CPU bf16 autocast the output is SDPA's bf16 output bit for bit; the gradients (backward in
+    float32) are at least as close to the fp32 gradients as SDPA's bf16 backward, and come back as bf16."""
+    import torch.nn.functional as F
+
+    from ddt.models.ddt import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
+    grad_out = torch.randn(shape[0], shape[2], shape[1], shape[3], generator=g)
+    ours = _attention_grads(attention, q, k, v, grad_out, autocast=True)
+    sdpa = _attention_grads(F.scaled_dot_product_attention, q, k, v, grad_out, autocast=True)
+    fp32 = _attention_grads(F.scaled_dot_product_attention, q, k, v, grad_out, autocast=False)
+    assert ours[0].dtype == torch.bfloat16 and torch.equal(ours[0], sdpa[0])
+    for mine, theirs, exact in zip(ours[1:], sdpa[1:], fp32[1:]):
+        err, err_sdpa = (mine - exact).abs().max().item(), (theirs - exact).abs().max().item()
+        assert err <= 1.05 * err_sdpa and err < 0.05, (err, err_sdpa)
+    fp32_ours = _attention_grads(attention, q, k, v, grad_out, autocast=False)  # fp32: SDPA itself
+    assert all(torch.equal(a, b) for a, b in zip(fp32_ours, fp32))
+
+
+def test_compiled_blocks_train_in_cpu_bf16_like_eager_without_recompiles():
+    """compile_model under CPU bf16 autocast (the float32-backward attention inside the block graphs):
+    the same loss and gradients as eager to bf16 round-off, and a second step compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from ddt.models import compile_model
+
+    torch.manual_seed(0)
+    eager = DDT(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, depth=3, encoder_depth=2, num_classes=10)
+    torch.nn.init.normal_(eager.final_layer.linear.weight, std=0.02)
+    compiled = compile_model(DDT(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, depth=3, encoder_depth=2,
+                                 num_classes=10))
+    compiled.load_state_dict(eager.state_dict())
+    x, t, y = torch.randn(4, 3, 8, 8), torch.rand(4), torch.randint(0, 10, (4,))
+
+    def step(model):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, t, y)[0].float().square().mean()
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss, grads = step(eager)
+    loss_c, grads_c = step(compiled)
+    graphs = counters["stats"]["unique_graphs"]
+    assert step(compiled)[0] == loss_c and counters["stats"]["unique_graphs"] == graphs
+    assert abs(loss - loss_c) < 1e-2 * abs(loss)
+    scale = max(g.abs().max().item() for g in grads.values())
+    assert all((grads[n] - grads_c[n]).abs().max().item() < 0.05 * scale for n in grads)

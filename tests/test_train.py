@@ -106,3 +106,28 @@ def test_activation_checkpointing_and_compile_keep_the_training_numbers(tmp_path
     loss, state = runs["compiled"]
     assert set(state) == set(eager)  # compiled in place: checkpoints keep the parameter names
     assert abs(loss - eager_loss) < 1e-5 and all(torch.allclose(state[k], eager[k], atol=1e-5) for k in eager)
+
+
+def test_precision_auto_takes_bf16_on_gpu_and_on_bf16_cpus_for_wide_models(monkeypatch):
+    """auto: bf16 on CUDA; on CPU only with bf16 units and hidden_size >= CPU_BF16_MIN_WIDTH (narrower
+    models train faster in fp32 there); bf16/fp32 are taken as given; anything else is refused."""
+    import ddt.train as train
+    from ddt.train import CPU_BF16_MIN_WIDTH, autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for units in (True, False):
+        monkeypatch.setattr(train, "cpu_has_bf16_units", lambda units=units: units)
+        assert autocast_dtype("auto", cpu, CPU_BF16_MIN_WIDTH) == (torch.bfloat16 if units else None)
+        assert autocast_dtype("auto", cpu, CPU_BF16_MIN_WIDTH - 1) is None
+        assert autocast_dtype("auto", cpu, None) is None
+        assert autocast_dtype("auto", cuda, 64) == torch.bfloat16
+        assert autocast_dtype("bf16", cpu, 64) == torch.bfloat16 and autocast_dtype("fp32", cuda, 1152) is None
+    with pytest.raises(ValueError, match="train.precision='fp16'"):
+        autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_records_the_precision_it_ran_in(tmp_path, precision):
+    stats = trainer(tmp_path, 1, precision=precision).fit()
+    assert stats["resolved_precision"] == precision and stats["final_loss"] is not None
+    assert trainer(tmp_path / "auto", 1).fit()["resolved_precision"] == "fp32"  # auto at width 32: fp32 on any CPU
