@@ -413,8 +413,8 @@ def measure_peak(p: dict, device: torch.device) -> dict:
     return {name: matmul_peak(device, dtypes[name], n) for name, n in p["n"].items()}
 
 
-MEASURE = {"train": measure_train, "precision": measure_precision, "official": measure_official, "official_sample": measure_official_sample,
-           "sample": measure_sample,
+MEASURE = {"train": measure_train, "precision": measure_precision, "official": measure_official,
+           "official_sample": measure_official_sample, "sample": measure_sample,
            "eval": measure_eval, "data": measure_data, "peak": measure_peak}
 
 
