@@ -344,11 +344,11 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
                       objective=parts.objective, log=tracker.log, progress=plain["progress"],
                       on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None,
                       eval_every=every, on_eval=curve_point if every else None)
-    if train_cfg.precision == "auto":  # machine- and width-dependent (ddt.train.autocast_dtype): say which
-        log.info("train.precision=auto: training in %s", "bf16 autocast" if trainer.autocast else "fp32")
     if last.exists():
         trainer.load(last)
         log.info("resuming from %s at step %d", last, trainer.step)
+    if train_cfg.precision == "auto":  # machine- and width-dependent (ddt.train.autocast_dtype), kept on resume
+        log.info("train.precision=auto: training in %s", "bf16 autocast" if trainer.autocast else "fp32")
     barrier()  # every rank knows where it starts before rank 0 may write last.pt again
     if every:  # points a kill or preemption interrupted (or a run trained without them) come first
         _fill_curve(plain, run_dir, results, tracker, parts,

@@ -165,7 +165,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "generator": self.generator.get_state(), "signature": model_signature(self.model),
-                "objective": self.objective.trainable_state_dict(), "train_seconds": self.train_seconds}
+                "objective": self.objective.trainable_state_dict(), "train_seconds": self.train_seconds,
+                "resolved_precision": "bf16" if self.autocast else "fp32"}
 
     def keeps(self, step: int) -> bool:
         """Whether step_N.pt is kept for this step (train.keep_every, and every curve point)."""
@@ -200,6 +201,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        if self.cfg.precision == "auto" and "resolved_precision" in state:  # a resume on another CPU kind keeps it
+            self.autocast = torch.bfloat16 if state["resolved_precision"] == "bf16" else None
 
     # ----------------------------------------------------------------- the loop
     def _check_finite(self, first_bad_step: torch.Tensor, grad_norm: torch.Tensor) -> None:

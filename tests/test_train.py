@@ -131,3 +131,21 @@ def test_training_records_the_precision_it_ran_in(tmp_path, precision):
     stats = trainer(tmp_path, 1, precision=precision).fit()
     assert stats["resolved_precision"] == precision and stats["final_loss"] is not None
     assert trainer(tmp_path / "auto", 1).fit()["resolved_precision"] == "fp32"  # auto at width 32: fp32 on any CPU
+
+
+def test_a_resume_keeps_the_precision_auto_chose_for_the_run(tmp_path, monkeypatch):
+    """precision=auto depends on the CPU: a run resumed on a CPU of the other kind trains on in what it began with."""
+    import ddt.train as train
+
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(train, "CPU_BF16_MIN_WIDTH", 32)  # the tiny model (width 32) counts as wide
+    first = trainer(tmp_path, 2)
+    assert first.fit()["resolved_precision"] == "bf16"
+    monkeypatch.setattr(train, "cpu_has_bf16_units", lambda: False)  # "another machine"
+    resumed = trainer(tmp_path, 4)
+    assert resumed.autocast is None  # what auto picks here, before the checkpoint is read
+    resumed.load(tmp_path / "checkpoints" / "last.pt")
+    assert resumed.autocast == torch.bfloat16 and resumed.fit()["resolved_precision"] == "bf16"
+    explicit = trainer(tmp_path, 4, precision="fp32")  # an explicit setting is taken as given
+    explicit.load(tmp_path / "checkpoints" / "last.pt")
+    assert explicit.autocast is None
