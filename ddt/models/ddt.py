@@ -201,9 +201,10 @@ class _CpuMatmulAttention(torch.autograd.Function):
     """Float32 attention as explicit matrix products with the softmax saved for backward (CPU, short sequences).
 
     For 32-128 tokens torch's CPU flash attention spends its time in per-block overhead rather than
-    arithmetic; batched matrix products over (B, H) with the (N, N) probabilities kept for the backward
-    did forward + backward 1.05-2.25x faster (head_dim 16-64, AMD EPYC Zen 2). The result equals SDPA's to
-    float32 round-off (both compute softmax(q·kᵀ/√d)·v in float32).
+    arithmetic; compiled, batched matrix products over (B, H) with the (N, N) probabilities kept for the
+    backward did forward + backward 1.05-2.25x faster (head_dim 16-64, AMD EPYC Zen 2). Eager, the unfused
+    softmax and its backward cost that gain back, so it is used only inside compiled graphs. The result
+    equals SDPA's to float32 round-off (both compute softmax(q·kᵀ/√d)·v in float32).
     """
 
     @staticmethod
@@ -233,13 +234,13 @@ CPU_MATMUL_ATTENTION_MAX_HEAD_DIM = 64
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention of (B, H, N, Dh) q, k, v: F.scaled_dot_product_attention, except when
-    training on CPU: under bf16 autocast the backward runs in float32 (_CpuBf16Attention), and in float32 at
-    32-128 tokens attention runs as matrix products (_CpuMatmulAttention)."""
+    training on CPU: under bf16 autocast the backward runs in float32 (_CpuBf16Attention), and in compiled
+    float32 graphs at 32-128 tokens attention runs as matrix products (_CpuMatmulAttention)."""
     if q.device.type == "cpu" and torch.is_grad_enabled():
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             return _CpuBf16Attention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16())
         low, high = CPU_MATMUL_ATTENTION_TOKENS
-        if (q.dtype == torch.float32 and low <= q.shape[-2] <= high
+        if (torch.compiler.is_compiling() and q.dtype == torch.float32 and low <= q.shape[-2] <= high
                 and q.shape[-1] <= CPU_MATMUL_ATTENTION_MAX_HEAD_DIM):
             return _CpuMatmulAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
