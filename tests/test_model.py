@@ -148,9 +148,9 @@ def test_cpu_bf16_attention_forward_is_sdpa_and_its_float32_backward_is_as_close
         assert err <= 1.05 * err_sdpa and err < 0.05, (err, err_sdpa)
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 4, 16), (4, 32, 2, 32), (2, 128, 2, 64)])  # (B, N, H, head_dim)
-def test_cpu_float32_attention_at_32_to_128_tokens_equals_sdpa_to_round_off(shape):
-    """Training compiled in float32 at 32-128 tokens, attention runs as matrix products: output and gradients
+@pytest.mark.parametrize("shape", [(8, 64, 4, 16), (4, 32, 2, 32), (2, 48, 2, 64)])  # (B, N, H, head_dim)
+def test_cpu_float32_attention_at_32_to_64_tokens_equals_sdpa_to_round_off(shape):
+    """Training compiled in float32 at 32-64 tokens, attention runs as matrix products: output and gradients
     agree with SDPA's to float32 round-off, and are as close to a float64 computation as SDPA's are."""
     import torch.nn.functional as F
 
@@ -171,10 +171,10 @@ def test_cpu_float32_attention_at_32_to_128_tokens_equals_sdpa_to_round_off(shap
     assert not torch.equal(ours[1], sdpa[1])  # a different kernel ran (else this test proves nothing)
 
 
-@pytest.mark.parametrize("shape,grad", [((8, 16, 4, 16), True), ((2, 256, 2, 16), True), ((2, 64, 1, 72), True),
+@pytest.mark.parametrize("shape,grad", [((8, 16, 4, 16), True), ((2, 128, 2, 16), True), ((2, 64, 1, 72), True),
                                         ((8, 64, 4, 16), False), ((8, 64, 4, 16), "eager")])
 def test_cpu_float32_attention_outside_the_matmul_window_is_sdpa_itself(shape, grad):
-    """16 tokens (the quickstart), 256 tokens, head_dim 72, inference and eager training keep SDPA, bit for bit."""
+    """16 tokens (the quickstart), 128 tokens, head_dim 72, inference and eager training keep SDPA, bit for bit."""
     import torch.nn.functional as F
 
     from ddt.models.ddt import attention

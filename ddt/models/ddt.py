@@ -200,11 +200,12 @@ class _CpuBf16Attention(torch.autograd.Function):
 class _CpuMatmulAttention(torch.autograd.Function):
     """Float32 attention as explicit matrix products with the softmax saved for backward (CPU, short sequences).
 
-    For 32-128 tokens torch's CPU flash attention spends its time in per-block overhead rather than
-    arithmetic; compiled, batched matrix products over (B, H) with the (N, N) probabilities kept for the
-    backward did forward + backward 1.05-2.25x faster (head_dim 16-64, AMD EPYC Zen 2). Eager, the unfused
-    softmax and its backward cost that gain back, so it is used only inside compiled graphs. The result
-    equals SDPA's to float32 round-off (both compute softmax(q·kᵀ/√d)·v in float32).
+    With a few dozen tokens torch's CPU flash attention spends its time in per-block overhead rather than
+    arithmetic. Inside the compiled blocks, batched matrix products over (B, H) with the (N, N)
+    probabilities kept for the backward made a quickstart-width training step 1.16x faster at 36 tokens
+    and 1.11x at 64, and 0.97x at 121 (AMD EPYC Zen 2); eager, the unfused softmax costs the gain back,
+    so it is used only inside compiled graphs. The result equals SDPA's to float32 round-off (both compute
+    softmax(q·kᵀ/√d)·v in float32).
     """
 
     @staticmethod
@@ -228,14 +229,14 @@ class _CpuMatmulAttention(torch.autograd.Function):
 
 # Sequence lengths and head widths where _CpuMatmulAttention beat the flash kernel (docs/performance.md);
 # at 16 tokens (the quickstart) the two were level, so it keeps SDPA and its published numbers.
-CPU_MATMUL_ATTENTION_TOKENS = (32, 128)
+CPU_MATMUL_ATTENTION_TOKENS = (32, 64)
 CPU_MATMUL_ATTENTION_MAX_HEAD_DIM = 64
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Scaled dot-product attention of (B, H, N, Dh) q, k, v: F.scaled_dot_product_attention, except when
     training on CPU: under bf16 autocast the backward runs in float32 (_CpuBf16Attention), and in compiled
-    float32 graphs at 32-128 tokens attention runs as matrix products (_CpuMatmulAttention)."""
+    float32 graphs at 32-64 tokens attention runs as matrix products (_CpuMatmulAttention)."""
     if q.device.type == "cpu" and torch.is_grad_enabled():
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
             return _CpuBf16Attention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16())
