@@ -5,7 +5,6 @@
     python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
     python -m benchmarks.run --suite official --official PATH  # only that comparison (training and sampling)
     python -m benchmarks.run --suite precision                 # bf16 autocast against fp32 training, by width
-    python -m benchmarks.run --suite attention                 # CPU attention kernels by shape (fp32, compiled)
     python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
     python -m benchmarks.run --suite cpu --only sample         # re-run one kind of row, keep the others
 
@@ -256,74 +255,6 @@ def measure_official(p: dict, device: torch.device) -> dict:
     return out
 
 
-def measure_attention(p: dict, device: torch.device) -> dict:
-    """Compiled forward+backward of SDPA against the matrix-product attention the suite uses on CPU at 32-128
-    tokens (`_CpuMatmulAttention`), on strided (B, H, N, head_dim) q, k, v as the blocks pass them, round robin."""
-    import torch.nn.functional as F
-
-    from ddt.models.ddt import _CpuMatmulAttention
-
-    if "model" in p:  # the same choice inside compile_model's block graphs: a forward+backward of the model
-        return _attention_in_model(p, device)
-    B, H, N, Dh = p["shape"]
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, N, H, Dh, generator=g).to(device).transpose(1, 2) for _ in range(3))
-    grad = torch.randn(B, H, N, Dh, generator=g).to(device)
-    kernels = {"sdpa": F.scaled_dot_product_attention, "matmul": _CpuMatmulAttention.apply}
-
-    def step(fn):
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-
-        def run():
-            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = compiled(*leaves)
-            out.backward(grad)
-            return [out, *(t.grad for t in leaves)]
-        return run
-
-    runs = {name: step(fn) for name, fn in kernels.items()}
-    outputs = {name: run() for name, run in runs.items()}  # compiles
-    timed(lambda: [run() for run in runs.values()], device, 2)
-    times = round_robin(runs, device, p["repeats"])
-    return {**{f"{name}_s": statistics.median(t) for name, t in times.items()},
-            "speedup_rounds": round_ratios(times, "sdpa", "matmul"),
-            "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(outputs["sdpa"], outputs["matmul"]))}
-
-
-def _attention_in_model(p: dict, device: torch.device) -> dict:
-    """compile_model forward+backward with the matrix-product attention window on and off (SDPA), round robin."""
-    from ddt.models import compile_model
-    from ddt.models import ddt as module
-
-    model = compile_model(_model(p["model"], device))
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(p["batch_size"], p["model"]["in_channels"], p["size"], p["size"], generator=g).to(device)
-    t = torch.rand(p["batch_size"], generator=g).to(device)
-    y = torch.randint(0, p["model"]["num_classes"], (p["batch_size"],), generator=g).to(device)
-    window = module.CPU_MATMUL_ATTENTION_TOKENS
-
-    def step(tokens: tuple[int, int]):
-        def run():  # the window is a guarded global: each setting keeps its own compiled graphs
-            module.CPU_MATMUL_ATTENTION_TOKENS = tokens
-            try:
-                model.zero_grad(set_to_none=True)
-                loss = model(x, t, y)[0].square().mean()
-                loss.backward()
-            finally:
-                module.CPU_MATMUL_ATTENTION_TOKENS = window
-            return [loss.detach(), *(q.grad for q in model.parameters())]
-        return run
-
-    n = _tokens(p)
-    runs = {"sdpa": step((0, -1)), "matmul": step((n, n))}
-    outputs = {name: run() for name, run in runs.items()}  # compiles
-    timed(lambda: [run() for run in runs.values()], device, 2)
-    times = round_robin(runs, device, p["repeats"])
-    return {**{f"{name}_s": statistics.median(t) for name, t in times.items()},
-            "speedup_rounds": round_ratios(times, "sdpa", "matmul"),
-            "max_abs_diff": max((a - b).abs().max().item() for a, b in zip(outputs["sdpa"], outputs["matmul"]))}
-
-
 def official_euler(net, noise: torch.Tensor, labels: torch.Tensor, *, null_label: int, num_steps: int,
                    cfg_scale: float, refresh_every: int) -> torch.Tensor:
     """The official EulerSampler loop (stateful_flow_matching/sampling.py, timeshift 1): cond and uncond
@@ -483,7 +414,6 @@ def measure_peak(p: dict, device: torch.device) -> dict:
 
 
 MEASURE = {"train": measure_train, "precision": measure_precision, "official": measure_official,
-           "attention": measure_attention,
            "official_sample": measure_official_sample, "sample": measure_sample,
            "eval": measure_eval, "data": measure_data, "peak": measure_peak}
 
@@ -535,9 +465,7 @@ def suite(name: str, official: str | None) -> list[dict]:
                       cfg_scale=2.0, precision="fp32", compile=False, repeats=1),
                  dict(kind="eval", num_samples=20, size=32, batch_size=10),
                  dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0),
-                 dict(kind="precision", name="tiny", model=TINY, size=16, batch_size=8, compile=False, repeats=1),
-                 dict(kind="attention", shape=(2, 2, 32, 16), repeats=1),
-                 dict(kind="attention", name="tiny, 64 tokens", model=TINY, size=32, batch_size=2, repeats=1)]
+                 dict(kind="precision", name="tiny", model=TINY, size=16, batch_size=8, compile=False, repeats=1)]
         if official:
             rows += [dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
                           repeats=1, precision="fp32", peak_n=256),
@@ -559,19 +487,6 @@ def suite(name: str, official: str | None) -> list[dict]:
                 rows.append(dict(kind="precision", name=f"28 blocks 22en6de, width {width}", model=spec, size=16,
                                  batch_size=64, compile=False, repeats=6))
         rows.append(dict(kind="precision", name="DDT-S/2", model=S, size=32, batch_size=8, compile=False, repeats=4))
-        return rows
-    if name == "attention":  # where the matrix-product attention beats the CPU flash kernel (B, H, N, head_dim)
-        shapes = [(64, 4, 16, 16), (128, 4, 32, 16), (64, 4, 64, 16), (64, 4, 64, 32), (32, 4, 64, 64),
-                  (16, 16, 64, 72), (32, 4, 128, 16), (8, 6, 128, 64), (16, 4, 256, 16), (8, 6, 256, 64),
-                  (4, 6, 1024, 64)]
-        rows = [dict(kind="peak", n={"fp32": 2048}), *(dict(kind="attention", shape=s, repeats=10) for s in shapes)]
-        for size in (12, 16, 22):  # 36, 64 and 121 tokens at quickstart width (head_dim 16)
-            rows.append(dict(kind="attention", name=f"quickstart width, batch 64, {(size // 2) ** 2} tokens",
-                             model=QUICKSTART_64_TOKENS, size=size, batch_size=64, repeats=12))
-        for width in (128, 256):  # head_dim 32 and 64, 64 tokens
-            rows.append(dict(kind="attention", name=f"width {width}, 4 heads, batch 64, 64 tokens",
-                             model={**QUICKSTART_64_TOKENS, "hidden_size": width}, size=16, batch_size=64,
-                             repeats=12))
         return rows
     if name == "cpu":
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 512})]
@@ -609,7 +524,7 @@ def suite(name: str, official: str | None) -> list[dict]:
                  dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
                       precision="bf16", compile=False, steps=5, activation_checkpointing=True, peak_n=8192)]
         return rows
-    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official, precision, attention or gpu")
+    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official, precision or gpu")
 
 
 def run_one(params: dict, device: str) -> dict:
@@ -733,24 +648,6 @@ def report(result: dict) -> str:
                   "speedup = fp32 / bf16 step within each round, median (min-max)):", ""]
         lines += _table(["model", "batch", "tokens", "compile", "fp32 step s", "bf16 step s", "bf16 speedup per round"],
                         body)
-    attention = [r for r in rows if r["kind"] == "attention" and "model" not in r]
-    in_model = [r for r in rows if r["kind"] == "attention" and "model" in r]
-    if attention:
-        body = [["×".join(map(str, r["shape"])), f"{1e3 * r['result']['sdpa_s']:.2f}",
-                 f"{1e3 * r['result']['matmul_s']:.2f}", _rounds_cell(r["result"]["speedup_rounds"]),
-                 f"{r['result']['max_abs_diff']:.1e}"] for r in attention]
-        lines += ["Attention forward+backward, fp32, compiled (fullgraph), strided q, k, v: SDPA (the CPU flash "
-                  "kernel) against matrix products with the softmax saved (`_CpuMatmulAttention`), timed round "
-                  "robin; speedup = SDPA / matmul within each round, median (min-max):", ""]
-        lines += _table(["B×H×N×head_dim", "SDPA ms", "matmul ms", "matmul speedup per round",
-                         "max abs diff (output, gradients)"], body)
-    if in_model:
-        body = [[r["name"], f"{r['result']['sdpa_s']:.3f}", f"{r['result']['matmul_s']:.3f}",
-                 _rounds_cell(r["result"]["speedup_rounds"]), f"{r['result']['max_abs_diff']:.1e}"] for r in in_model]
-        lines += ["The same inside the model: forward+backward of `compile_model` (28 blocks 22en6de), attention "
-                  "as SDPA against matrix products in every block, timed round robin:", ""]
-        lines += _table(["model", "SDPA step s", "matmul step s", "matmul speedup per round",
-                         "max abs diff (loss, gradients)"], body)
     sampling = [r for r in rows if r["kind"] == "sample"]
     if sampling:
         body = [[r["name"], r["batch_size"], steps, r["precision"], "yes" if r["compile"] else "no",
@@ -785,7 +682,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "precision", "attention", "gpu"])
+    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "precision", "gpu"])
     parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
     parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -17,11 +17,7 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert {"cpu", "threads", "torch"} <= set(result["machine"])
     assert "failed" not in result, result.get("failed")
     kinds = {row["kind"]: row["result"] for row in result["rows"]}
-    in_model = [row["result"] for row in result["rows"] if row["kind"] == "attention" and "model" in row]
-    assert len(in_model) == 1 and 0 < in_model[0]["max_abs_diff"] < 1e-4 and in_model[0]["matmul_s"] > 0
-    assert set(kinds) == {"peak", "train", "sample", "eval", "data", "precision", "attention"}
-    assert kinds["attention"]["sdpa_s"] > 0 and kinds["attention"]["matmul_s"] > 0
-    assert 0 < kinds["attention"]["max_abs_diff"] < 1e-4  # two kernels, one result to round-off
+    assert set(kinds) == {"peak", "train", "sample", "eval", "data", "precision"}
     assert kinds["precision"]["fp32_s"] > 0 and kinds["precision"]["bf16_s"] > 0
     assert kinds["precision"]["speedup_rounds"]["rounds"] == 1
     train = kinds["train"]
@@ -31,8 +27,7 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in (kinds["eval"]["feature_images_per_s"], kinds["data"]["images_per_s"]))
     markdown = (tmp_path / "run-smoke.md").read_text()
     assert markdown.strip() == proc.stdout.strip()
-    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads", "bf16 autocast against fp32",
-                  "Attention forward+backward", "The same inside the model"):
+    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads", "bf16 autocast against fp32"):
         assert title in markdown
 
     # --only re-runs one kind of row and keeps the others
@@ -40,7 +35,7 @@ def test_smoke_suite_writes_every_table(tmp_path):
                            "--only", "data"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rerun = json.loads((tmp_path / "run-smoke.json").read_text())
-    assert [row["kind"] for row in rerun["rows"]] == [r["kind"] for r in result["rows"] if r["kind"] != "data"] + ["data"]
+    assert [row["kind"] for row in rerun["rows"]] == [k for k in kinds if k != "data"] + ["data"]
     kept = [row["result"] for row in result["rows"] if row["kind"] != "data"]
     assert [row["result"] for row in rerun["rows"][:-1]] == kept
     assert "--only data" in rerun["command"]

@@ -146,74 +146,8 @@ def test_cpu_bf16_attention_forward_is_sdpa_and_its_float32_backward_is_as_close
     for mine, theirs, exact in zip(ours[1:], sdpa[1:], fp32[1:]):
         err, err_sdpa = (mine - exact).abs().max().item(), (theirs - exact).abs().max().item()
         assert err <= 1.05 * err_sdpa and err < 0.05, (err, err_sdpa)
-
-
-@pytest.mark.parametrize("shape", [(8, 64, 4, 16), (4, 32, 2, 32), (2, 48, 2, 64)])  # (B, N, H, head_dim)
-def test_cpu_float32_attention_at_32_to_64_tokens_equals_sdpa_to_round_off(shape):
-    """Training compiled in float32 at 32-64 tokens, attention runs as matrix products: output and gradients
-    agree with SDPA's to float32 round-off, and are as close to a float64 computation as SDPA's are."""
-    import torch.nn.functional as F
-
-    from ddt.models import ddt
-
-    attention = torch.compile(ddt.attention, fullgraph=True)
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g) for _ in range(3))
-    grad_out = torch.randn(shape[0], shape[2], shape[1], shape[3], generator=g)
-    ours = _attention_grads(attention, q, k, v, grad_out, autocast=False)
-    sdpa = _attention_grads(F.scaled_dot_product_attention, q, k, v, grad_out, autocast=False)
-    exact = _attention_grads(F.scaled_dot_product_attention, q.double(), k.double(), v.double(), grad_out.double(),
-                             autocast=False)
-    for mine, theirs, truth in zip(ours, sdpa, exact):
-        err, err_sdpa = (mine - truth).abs().max().item(), (theirs - truth).abs().max().item()
-        assert mine.dtype == torch.float32 and err < 1e-5 and err <= 2 * err_sdpa + 1e-7, (err, err_sdpa)
-    assert not torch.equal(ours[1], sdpa[1])  # a different kernel ran (else this test proves nothing)
-
-
-@pytest.mark.parametrize("shape,grad", [((8, 16, 4, 16), True), ((2, 128, 2, 16), True), ((2, 64, 1, 72), True),
-                                        ((8, 64, 4, 16), False), ((8, 64, 4, 16), "eager")])
-def test_cpu_float32_attention_outside_the_matmul_window_is_sdpa_itself(shape, grad):
-    """16 tokens (the quickstart), 128 tokens, head_dim 72, inference and eager training keep SDPA, bit for bit."""
-    import torch.nn.functional as F
-
-    from ddt.models.ddt import attention
-
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(*shape, generator=g).transpose(1, 2) for _ in range(3))
-    run = attention if grad == "eager" else torch.compile(attention, fullgraph=True)
-    with torch.set_grad_enabled(bool(grad)):
-        assert torch.equal(run(q, k, v), F.scaled_dot_product_attention(q, k, v))
-
-
-def test_compiled_blocks_train_in_float32_at_64_tokens_like_eager_without_recompiles():
-    """compile_model in float32 with the matrix-product attention inside the block graphs: eager's loss and
-    gradients to float32 round-off, and a second step compiles nothing new."""
-    from torch._dynamo.utils import counters
-
-    from ddt.models import compile_model
-
-    torch.manual_seed(0)
-    kwargs = dict(in_channels=3, patch_size=2, hidden_size=32, num_heads=2, depth=3, encoder_depth=2, num_classes=10)
-    eager = DDT(**kwargs)
-    torch.nn.init.normal_(eager.final_layer.linear.weight, std=0.02)
-    compiled = compile_model(DDT(**kwargs))
-    compiled.load_state_dict(eager.state_dict())
-    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 10, (4,))  # 64 tokens
-
-    def step(model):
-        model.zero_grad()
-        loss = model(x, t, y)[0].square().mean()
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    loss, grads = step(eager)
-    loss_c, grads_c = step(compiled)
-    graphs = counters["stats"]["unique_graphs"]
-    assert step(compiled)[0] == loss_c and counters["stats"]["unique_graphs"] == graphs
-    assert abs(loss - loss_c) < 1e-5 * abs(loss)
-    scale = max(g.abs().max().item() for g in grads.values())
-    assert all((grads[n] - grads_c[n]).abs().max().item() < 1e-4 * scale for n in grads)
+    fp32_ours = _attention_grads(attention, q, k, v, grad_out, autocast=False)  # fp32: SDPA itself
+    assert all(torch.equal(a, b) for a, b in zip(fp32_ours, fp32))
 
 
 def test_compiled_blocks_train_in_cpu_bf16_like_eager_without_recompiles():

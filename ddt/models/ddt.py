@@ -197,53 +197,12 @@ class _CpuBf16Attention(torch.autograd.Function):
         return tuple(g.to(torch.bfloat16) for g in grads)
 
 
-class _CpuMatmulAttention(torch.autograd.Function):
-    """Float32 attention as explicit matrix products with the softmax saved for backward (CPU, short sequences).
-
-    With a few dozen tokens torch's CPU flash attention spends its time in per-block overhead rather than
-    arithmetic. Inside the compiled blocks, batched matrix products over (B, H) with the (N, N)
-    probabilities kept for the backward made a quickstart-width training step 1.16x faster at 36 tokens
-    and 1.11x at 64, and 0.97x at 121 (AMD EPYC Zen 2); eager, the unfused softmax costs the gain back,
-    so it is used only inside compiled graphs. The result equals SDPA's to float32 round-off (both compute
-    softmax(q·kᵀ/√d)·v in float32).
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5
-        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, N, N)
-        out = torch.matmul(probs, v)
-        ctx.save_for_backward(q, k, v, probs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v, probs, out = ctx.saved_tensors
-        scale = q.shape[-1] ** -0.5
-        grad_probs = torch.matmul(grad, v.transpose(-1, -2))
-        # softmax backward: rowsum(probs * grad_probs) = rowsum(grad * out)
-        grad_scores = probs * (grad_probs - (grad * out).sum(-1, keepdim=True)) * scale
-        return (torch.matmul(grad_scores, k), torch.matmul(grad_scores.transpose(-1, -2), q),
-                torch.matmul(probs.transpose(-1, -2), grad))
-
-
-# Sequence lengths and head widths where _CpuMatmulAttention beat the flash kernel (docs/performance.md);
-# at 16 tokens (the quickstart) the two were level, so it keeps SDPA and its published numbers.
-CPU_MATMUL_ATTENTION_TOKENS = (32, 64)
-CPU_MATMUL_ATTENTION_MAX_HEAD_DIM = 64
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention of (B, H, N, Dh) q, k, v: F.scaled_dot_product_attention, except when
-    training on CPU: under bf16 autocast the backward runs in float32 (_CpuBf16Attention), and in compiled
-    float32 graphs at 32-64 tokens attention runs as matrix products (_CpuMatmulAttention)."""
-    if q.device.type == "cpu" and torch.is_grad_enabled():
-        if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            return _CpuBf16Attention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16())
-        low, high = CPU_MATMUL_ATTENTION_TOKENS
-        if (torch.compiler.is_compiling() and q.dtype == torch.float32 and low <= q.shape[-2] <= high
-                and q.shape[-1] <= CPU_MATMUL_ATTENTION_MAX_HEAD_DIM):
-            return _CpuMatmulAttention.apply(q, k, v)
+    """Scaled dot-product attention of (B, H, N, Dh) q, k, v; under CPU bf16 autocast with gradients, the
+    backward runs in float32 (_CpuBf16Attention), otherwise F.scaled_dot_product_attention."""
+    if (q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return _CpuBf16Attention.apply(q.bfloat16(), k.bfloat16(), v.bfloat16())
     return F.scaled_dot_product_attention(q, k, v)
 
 
