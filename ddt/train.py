@@ -161,12 +161,17 @@ class Trainer:
             compile_model(model)  # after the EMA copy: the EMA model is never trained
 
     # ----------------------------------------------------------------- checkpoints
+    @property
+    def resolved_precision(self) -> str:
+        """What train.precision resolved to here: `bf16` (autocast) or `fp32`."""
+        return "bf16" if self.autocast else "fp32"
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "generator": self.generator.get_state(), "signature": model_signature(self.model),
                 "objective": self.objective.trainable_state_dict(), "train_seconds": self.train_seconds,
-                "resolved_precision": "bf16" if self.autocast else "fp32"}
+                "resolved_precision": self.resolved_precision}
 
     def keeps(self, step: int) -> bool:
         """Whether step_N.pt is kept for this step (train.keep_every, and every curve point)."""
@@ -300,4 +305,4 @@ class Trainer:
                 "final_grad_norm": grad_norm, "wall_time_s": round(seconds, 3),
                 "total_wall_time_s": round(self.train_seconds, 3), "curve_eval_wall_time_s": round(eval_seconds, 3),
                 "images_per_s": round(steps * cfg.batch_size / seconds, 2) if steps else None,
-                "world_size": self.world_size, "resolved_precision": "bf16" if self.autocast else "fp32"}
+                "world_size": self.world_size, "resolved_precision": self.resolved_precision}
