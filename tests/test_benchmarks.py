@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -102,3 +103,21 @@ def test_official_rows_time_both_compiled_and_the_official_sampler_loop_matches_
     markdown = report({"machine": {"cpu": "x", "threads": 2, "torch": "2"}, "rows": [
         {"kind": "peak", "result": {"fp32": 1e11}}, *results]})
     assert "official compiled" in markdown and "official img/s" in markdown
+
+
+def test_gemm_cache_sees_every_product_of_a_linear_step_with_its_layout():
+    """The profiler's products of a Linear's forward + backward are the three the dispatch mode records."""
+    from benchmarks.gemm_cache import ProductLayouts, products_in_step, rate_alone
+
+    torch.manual_seed(0)
+    linear, x = torch.nn.Linear(4, 3), torch.randn(8, 4, requires_grad=True)
+    step = lambda: linear(x).square().mean().backward()  # noqa: E731
+    with ProductLayouts() as layouts:
+        step()
+    in_step = products_in_step(step, 2)
+    expected = {((8, 4), (4, 3)), ((8, 3), (3, 4)), ((3, 8), (8, 4))}  # forward, d input, d weight
+    assert set(layouts.seen) == expected
+    assert set(in_step) == expected
+    assert all(cost["calls"] == 1 for cost in in_step.values())
+    assert layouts.seen[(8, 4), (4, 3)][1] == (1, 4)  # the forward multiplies by the weight transposed
+    assert rate_alone(((8, 4), (4, 3)), layouts.seen[(8, 4), (4, 3)], torch.ones(1024), seconds=0.01) > 0
