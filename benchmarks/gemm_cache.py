@@ -5,7 +5,8 @@ and once after a pass over a buffer larger than the last-level cache.
     python -m benchmarks.gemm_cache                  # quickstart width, batch 64, 64 tokens (issue 20's shape)
     python -m benchmarks.gemm_cache --evict-mb 128   # a larger eviction buffer (CPUs with a bigger L3)
 
-Layouts (strides) of the products alone are the ones the eager step passes to them. Writes
+Layouts (strides) of the products alone are the ones the eager step passes to them (the first seen for a
+shape: calls of one shape in the step can differ in layout). Writes
 benchmarks/results/gemm_cache.{json,md}. Numbers, not assertions.
 """
 from __future__ import annotations
