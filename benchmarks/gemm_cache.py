@@ -12,7 +12,6 @@ benchmarks/results/gemm_cache.{json,md}. Numbers, not assertions.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.common import machine
 from benchmarks.run import QUICKSTART_64_TOKENS, _model
+from ddt.checkpoint import atomic_write_bytes, atomic_write_json
 
 PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
 
@@ -117,8 +117,8 @@ def main() -> None:
               f"{sum(r['ms_in_step'] * r['in_step'] / r['alone_warm'] for r in rows):.0f} ms, at the evicted rates "
               f"{sum(r['ms_in_step'] * r['in_step'] / r['alone_evicted'] for r in rows):.0f} ms.", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gemm_cache.json").write_text(json.dumps(result, indent=1))
-    (args.out / "gemm_cache.md").write_text("\n".join(lines))
+    atomic_write_json(result, args.out / "gemm_cache.json")
+    atomic_write_bytes(args.out / "gemm_cache.md", lambda f: f.write("\n".join(lines).encode()))
     print("\n".join(lines))
 
 
