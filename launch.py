@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -56,8 +57,9 @@ def composition_problem(err: Exception) -> str:
     return " ".join(text.split("Set the environment variable HYDRA_FULL_ERROR")[0].split())
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose the command line's config (every sweep point, up to a limit) before Hydra starts a job."""
+def preflight(argv: list[str]) -> Path | None:
+    """Compose the command line's config (every sweep point, up to a limit) before Hydra starts a job;
+    returns the sweep folder of a multirun."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import get_args_parser
@@ -66,20 +68,59 @@ def preflight(argv: list[str]) -> None:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion or args.config_dir \
             or args.config_name or args.config_path or args.experimental_rerun:
-        return  # Hydra's own commands, or another config: Hydra reports its errors itself
+        return None  # Hydra's own commands, or another config: Hydra reports its errors itself
     try:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         points = [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch] if args.multirun \
             else [args.overrides]
+        problems, sweep_dir = [], None
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
             for overrides in points[:MAX_CHECKED_POINTS]:
                 cfg = compose("config", overrides=overrides, return_hydra_config=True)
                 check_output_dir(Path(cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir),
                                  "hydra.sweep.dir" if args.multirun else "hydra.run.dir")
+                if args.multirun:  # a single run validates in the runner, where its results.json records it
+                    sweep_dir = Path(cfg.hydra.sweep.dir)
+                    problems += point_problems(cfg, overrides)
     except Exception as err:  # composition: unknown key, unknown option, unparsable override
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(composition_problem(err))
+    if problems:  # no point starts while one of them is wrong
+        fail("\n".join(dict.fromkeys(problems)) + f"\nlaunch.py: error: no sweep point was started "
+                                                    f"({len(points)} points); fix the values above")
+    return sweep_dir
+
+
+def sweep_summary(sweep_dir: Path, since: float) -> None:
+    """One line per point this launch ran (state, metrics, run folder), then the report command."""
+    import json
+
+    from ddt.runner import summary_line
+
+    paths = [p for p in sorted(sweep_dir.rglob("results.json")) if p.stat().st_mtime >= since]
+    print(f"sweep {sweep_dir}: {len(paths)} point(s)", file=sys.stderr)
+    for path in paths:
+        results = {"run_dir": str(path.parent), **json.loads(path.read_text())}
+        error = f" | {str(results['error']).splitlines()[0]}" if results.get("error") else ""
+        print(f"  {results.get('status', '?'):<11} {summary_line(results)}{error}", file=sys.stderr)
+    print(f"report: python -m analysis.report {sweep_dir}", file=sys.stderr)
+
+
+def point_problems(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """The value problems (types, ranges, cross-key rules) of one composed sweep point, one line each."""
+    from omegaconf import open_dict
+
+    from ddt.config import validate
+
+    with open_dict(cfg):
+        del cfg["hydra"]  # the launcher's settings are Hydra's to check
+    try:
+        validate(cfg)
+    except UsageError as err:
+        where = ",".join(o for o in overrides if not o.startswith("hydra.")) or "default"
+        return [f"sweep point {where}: {problem}" for problem in err.problems]
+    return []
 
 
 def check_output_dir(path: Path, key: str) -> None:
@@ -114,9 +155,12 @@ def _terminate(signum, frame):
 if __name__ == "__main__":
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's job handlers own SIGTERM inside a job
         signal.signal(signal.SIGTERM, _terminate)
-    preflight(sys.argv[1:])
+    sweep = preflight(sys.argv[1:])
+    started = time.time() - 1  # file times can be coarser than the clock
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside a run (while Hydra composes or launches)
         sys.exit(130)
+    if sweep is not None and sweep.is_dir():
+        sweep_summary(sweep, started)
     sys.exit(max(exit_codes, default=0))

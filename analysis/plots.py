@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.paper import RATIO_FID, RATIO_IS_400K, is_paper_setting  # noqa: E402
+from analysis.paper import RATIO_FID, RATIO_IS_400K, is_paper_setting, published  # noqa: E402
 from analysis.stats import ensure_aggregated, format_stat, format_stats  # noqa: E402
 from ddt.tracking import METRICS  # noqa: E402
 
@@ -71,7 +71,7 @@ def _seeds(rows: pd.DataFrame) -> str:
     return f"mean ± 95% CI over {high if low == high else f'{low}-{high}'} seeds"
 
 
-def ratio_figure(df: pd.DataFrame, out_dir: str | Path) -> Path:
+def ratio_figure(df: pd.DataFrame, out_dir: str | Path, stem: str = "encoder_ratio") -> Path:
     """FID and IS against the encoder depth at the last step, one line per model size, error bars =
     95% intervals over seeds (the paper's Figures 7-8); runs, or their aggregate(), as input."""
     agg = ensure_aggregated(ratio_rows(df), ("fid", "isc_mean"))
@@ -93,7 +93,7 @@ def ratio_figure(df: pd.DataFrame, out_dir: str | Path) -> Path:
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, out_dir, "encoder_ratio")
+    return _save(fig, out_dir, stem)
 
 
 def fid_vs_step_axes(ax, df: pd.DataFrame) -> None:
@@ -120,12 +120,13 @@ def fid_vs_step_axes(ax, df: pd.DataFrame) -> None:
     ax.legend(fontsize=8)
 
 
-def fid_vs_step_figure(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None) -> Path:
+def fid_vs_step_figure(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None,
+                       stem: str = "fid_vs_step") -> Path:
     """FID against the training step, one line (and 95% band over seeds) per split: from `curves`
     (load_curves, or its aggregate()) when given, else from the runs' final steps in `df`."""
     fig, ax = plt.subplots(figsize=(6, 4))
     fid_vs_step_axes(ax, curves if curves is not None and len(curves) else df)
-    return _save(fig, out_dir, "fid_vs_step")
+    return _save(fig, out_dir, stem)
 
 
 def best_split_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -165,7 +166,34 @@ def curve_table(curves: pd.DataFrame, metrics: Sequence[str] = ("fid", "isc_mean
     return pd.concat([table, format_stats(agg, metrics)], axis=1)
 
 
-def sharing_figure(df: pd.DataFrame, out_dir: str | Path) -> Path:
+# The columns of the paper's tables (Table 2, Table 5): the ADM evaluator's five metrics.
+PAPER_METRICS = {"fid": "FID", "sfid": "sFID", "isc_mean": "IS", "precision": "Prec", "recall": "Rec"}
+
+
+def _model_label(row: dict) -> str:
+    """`B/2 8en4de` for a DDT, `B/2 SiT` for a single-stack baseline (the preset's patch is 2)."""
+    preset, patch = row.get("model.preset"), row.get("model.patch_size", 2)
+    if row.get("model.arch", "ddt") == "sit" or pd.isna(row.get("model.encoder_depth")):
+        return f"{preset}/{patch} SiT" if row.get("model.arch") == "sit" else f"{preset}/{patch}"
+    return f"{preset}/{patch} {split_name(row['model.encoder_depth'], row['model.depth'])}"
+
+
+def paper_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs in the paper's layout (FID, sFID, IS, Prec, Rec; `mean ± ci95 (n=N)` over seeds), with the
+    published FID / IS beside each row whose recipe, step, sampler and guidance match a paper row."""
+    agg = ensure_aggregated(df, PAPER_METRICS)
+    if "fid_mean" not in agg:
+        return pd.DataFrame()
+    table = pd.DataFrame({"model": [_model_label(row) for row in agg.to_dict("records")], "step": agg.get("step")},
+                         index=agg.index)
+    table = pd.concat([table, format_stats(agg, PAPER_METRICS).rename(columns=PAPER_METRICS)], axis=1)
+    paper = [published(row) or {} for row in agg.to_dict("records")]
+    for key, name in (("paper_fid", "paper FID"), ("paper_isc", "paper IS"), ("paper_row", "paper row")):
+        table[name] = [p.get(key) for p in paper]
+    return table
+
+
+def sharing_figure(df: pd.DataFrame, out_dir: str | Path, stem: str = "sharing_speed") -> Path:
     """FID against sampling speed (images/s) for encoder sharing none / uniform / dp."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for sharing, runs in df.groupby("sampler.sharing"):
@@ -180,7 +208,7 @@ def sharing_figure(df: pd.DataFrame, out_dir: str | Path) -> Path:
     ax.set_ylabel("FID")
     ax.grid(alpha=0.3)
     ax.legend(title="sampler.sharing")
-    return _save(fig, out_dir, "sharing_speed")
+    return _save(fig, out_dir, stem)
 
 
 SHARING_TABLE_METRICS = ("sample.images_per_s", "fid", "isc_mean")

@@ -7,7 +7,16 @@
 A setting run with several seeds shows `mean ± ci95 (n=N)` (95% Student-t interval over the seeds);
 the report says which encoder/decoder splits differ beyond their intervals and which cannot be told
 apart at this number of seeds. Only the tables the runs support are printed: the ratio tables need
-two or more encoder depths among the trained runs, the sampling table two or more sharing modes.
+two or more encoder depths among the trained runs of one recipe, a sampling table two or more sampler
+settings over the same weights (checkpoint and step).
+
+Like with like (analysis.compare): a folder holding several studies (recipes, data, model sizes) is
+reported study by study, listed first; `--query` picks one. Every ratio comparison is made at one
+training step that all of its settings reached, from their curves, with the same number of samples per
+FID, and says which step; a run with no point there is left out with a line naming it. Two runs with the
+same config_id, seed and weights count once (analysis.results says which).
+
+    python -m analysis.report runs/quickstart --query "`train.max_steps` == 60"
 """
 from __future__ import annotations
 
@@ -18,18 +27,22 @@ import pandas as pd
 
 from analysis import plots
 from analysis.html_page import Section, write_page
+from analysis.compare import RATIO_AXIS, Place, common_step, sampler_studies, studies
 from analysis.results import curves_of, load_curves, load_runs, load_wandb, load_wandb_curves
 from analysis.stats import aggregate, separated, separation_lines
 
 SEPARATION_METRICS = {"fid": "FID", "isc_mean": "IS"}
+# One KID convention everywhere: torch-fidelity's value, unscaled (README, docs/analysis.md say the same).
+UNITS = {"kid_mean": "kid_mean (torch-fidelity, unscaled)"}
 
 
-def ratio_sections(runs: pd.DataFrame, curves: pd.DataFrame) -> list[Section]:
-    """Tables and statements of an encoder/decoder ratio study (the runs of ratio_rows)."""
-    sections: list[Section] = [("encoder/decoder ratio", plots.ratio_table(runs)),
-                               ("best split", plots.best_split_table(runs))]
-    agg = aggregate(runs)
-    lines = []
+def ratio_sections(place: Place, curves: pd.DataFrame) -> list[Section]:
+    """Tables and statements of one encoder/decoder ratio study, every one at the study's common step."""
+    at = f" at {place.heading()}" if place.step is not None else ""
+    sections: list[Section] = [(f"encoder/decoder ratio{at}", plots.ratio_table(place.rows)),
+                               (f"best split{at}", plots.best_split_table(place.rows))]
+    agg = aggregate(place.rows)
+    lines = list(place.left_out)
     for metric, name in SEPARATION_METRICS.items():
         if f"{metric}_mean" not in agg:
             continue
@@ -39,10 +52,51 @@ def ratio_sections(runs: pd.DataFrame, curves: pd.DataFrame) -> list[Section]:
             lines.append(f"{name}: not compared ({err})")
             continue
         lines += separation_lines(pairs, name, label=plots.split_label)
-    sections.append(("which splits differ beyond their 95% intervals (final step)", lines))
+    sections.append((f"which splits differ beyond their 95% intervals{at}", lines))
     if len(curves) and curves["step"].nunique() > 1:
-        sections.append(("FID vs training step (mean ± ci95 over seeds)", plots.curve_table(curves)))
+        sections.append(("FID vs training step (mean ± ci95 over seeds; one line per config_id)",
+                         plots.curve_table(curves)))
     return sections
+
+
+def study_sections(df: pd.DataFrame, curves: pd.DataFrame | None, out_dir: str | Path,
+                   figures: dict[str, Path]) -> list[Section]:
+    """The ratio and sampler studies among the runs, each reported on its own (figures added to `figures`)."""
+    sections: list[Section] = []
+    ratio = [(label, runs) for label, runs in studies(plots.ratio_rows(df), RATIO_AXIS)
+             if "model.encoder_depth" in runs and runs["model.encoder_depth"].nunique() > 1]
+    for i, (label, runs) in enumerate(ratio):
+        suffix, about = (f"_{i + 1}", f" [{label}]") if len(ratio) > 1 else ("", "")
+        study_curves = _study_curves(curves, runs)
+        place = common_step(study_curves if len(study_curves) else runs)
+        sections += [(heading + about, content) for heading, content in ratio_sections(place, study_curves)]
+        figures[f"encoder_ratio{suffix}"] = plots.ratio_figure(place.rows, out_dir, stem=f"encoder_ratio{suffix}")
+        figures[f"fid_vs_step{suffix}"] = plots.fid_vs_step_figure(runs, out_dir, curves=study_curves,
+                                                                   stem=f"fid_vs_step{suffix}")
+    sampling = sampler_studies(df)
+    for i, (heading, table, runs) in enumerate(sampling):
+        sections.append((heading, table))
+        if "sampler.sharing" in runs and runs["sampler.sharing"].nunique() > 1:
+            name = f"sharing_speed{f'_{i + 1}' if len(sampling) > 1 else ''}"
+            figures[name] = plots.sharing_figure(runs, out_dir, stem=name)
+            for run_dir in runs.loc[runs["sampler.sharing"] == "dp"].get("run_dir", []):
+                path = plots.dp_schedule_figure(run_dir, out_dir)
+                if path:
+                    figures[f"dp_schedule:{Path(run_dir).name}"] = path
+    if len(ratio) + len(sampling) > 1:
+        listed = [f"encoder/decoder ratio: {label}" for label, _ in ratio] + [h for h, _, _ in sampling]
+        sections.insert(0, ("studies in these folders, each reported on its own (select one with --query, e.g. "
+                            "--query \"`train.lr` == 0.003\")", listed))
+    return sections
+
+
+def _study_curves(curves: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFrame:
+    """The curve points of a study's configs (config_id), also those of runs left out as duplicates."""
+    if curves is None or curves.empty:
+        return pd.DataFrame()
+    if "config_id" in curves and "config_id" in runs and runs["config_id"].notna().all():
+        return plots.ratio_rows(curves[curves["config_id"].isin(runs["config_id"])])
+    return plots.ratio_rows(curves_of(curves, runs))
 
 
 def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None) -> dict[str, Path]:
@@ -52,22 +106,15 @@ def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = 
     if df.empty:
         print("no completed runs")
         return figures
-    sections: list[Section] = []
-    ratio = plots.ratio_rows(df)
-    ratio_curves = plots.ratio_rows(curves) if curves is not None and len(curves) else pd.DataFrame()
-    if "model.encoder_depth" in ratio and ratio["model.encoder_depth"].nunique() > 1:
-        sections += ratio_sections(ratio, ratio_curves)
-        figures["encoder_ratio"] = plots.ratio_figure(ratio, out_dir)
-        figures["fid_vs_step"] = plots.fid_vs_step_figure(ratio, out_dir, curves=ratio_curves)
-    if "sampler.sharing" in df and df["sampler.sharing"].nunique() > 1:
-        sections.append(("sampling", plots.sharing_table(df)))
-        figures["sharing_speed"] = plots.sharing_figure(df, out_dir)
-        for run_dir in df.loc[df["sampler.sharing"] == "dp"].get("run_dir", []):
-            path = plots.dp_schedule_figure(run_dir, out_dir)
-            if path:
-                figures[f"dp_schedule:{Path(run_dir).name}"] = path
+    sections = study_sections(df, curves, out_dir, figures)
     if not sections:  # one setting, or nothing that varies along a studied axis: the runs as they are
         sections.append(("runs", plots.ratio_table(df)))
+    paper = plots.paper_table(df)
+    if len(paper):
+        sections.append(("paper layout (ADM evaluator: FID, sFID, IS, precision, recall), published numbers "
+                         "where a paper row matches", paper))
+    sections = [(heading, content.rename(columns=UNITS) if isinstance(content, pd.DataFrame) else content)
+                for heading, content in sections]
     for heading, content in sections:
         print(f"== {heading} ==")
         print(content.to_string(index=False) if isinstance(content, pd.DataFrame) else "\n".join(content))
@@ -96,7 +143,7 @@ def main() -> None:
     if args.wandb:
         df, curves = load_wandb(args.wandb, group=args.group), load_wandb_curves(args.wandb, group=args.group)
     else:
-        df, curves = load_runs(*args.sweep_dirs), load_curves(*args.sweep_dirs)
+        df, curves = load_runs(*args.sweep_dirs), load_curves(*args.sweep_dirs, quiet=True)  # one line per duplicate
     if args.query:
         df = df.query(args.query)
         curves = curves_of(curves, df)

@@ -18,13 +18,18 @@ live in analysis.stats.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import pandas as pd
 
 from analysis.stats import aggregate, separated, sort_by_setting  # noqa: F401  (the loaders' companions)
+from ddt.config import config_id
 from ddt.tracking import METRICS, flatten, summary_row
+
+log = logging.getLogger("analysis.results")
 
 CURVE_FIELDS = ("step", *METRICS, "num_samples", "wall_time_s", "final")
 
@@ -33,8 +38,41 @@ def run_row(results: dict) -> dict:
     """One DataFrame row of a results.json."""
     row = flatten(results.get("config") or {})
     row.update(summary_row(results))
-    row.update(_run_names(results))
+    row.update(_run_names(results), config_id=identity(results))
     return row
+
+
+def identity(results: dict) -> str | None:
+    """The run's config_id under today's rule (recomputed from its config; the recorded one without a config)."""
+    config = results.get("config")
+    return config_id(config) if isinstance(config.get("model") if config else None, dict) else results.get("config_id")
+
+
+def weights(results: dict) -> str:
+    """What a run's numbers come from besides its config: the checkpoint it sampled, or what it trained from."""
+    config = results.get("config") or {}
+    ckpt = config.get("ckpt")
+    where = os.path.normpath(os.path.abspath(os.path.expanduser(ckpt))) if ckpt else None
+    if where and "train" not in (results.get("stages") or config.get("stage") or []):
+        return f"sampled {where}"
+    return f"trained from {where or 'scratch'}"
+
+
+def sampled_checkpoint(results: dict) -> str:
+    """The checkpoint file whose weights a run sampled: its ckpt, or its own checkpoints/last.pt."""
+    if weights(results).startswith("sampled "):
+        return weights(results).removeprefix("sampled ")
+    return os.path.normpath(os.path.abspath(Path(results.get("run_dir", "")) / "checkpoints" / "last.pt"))
+
+
+def observation(results: dict, trained: dict[str, dict] | None = None) -> tuple:
+    """(config_id, seed, weights): runs that share it compute the same numbers at a step (one observation).
+    A run that sampled another loaded run's checkpoint (`trained`: run folder -> results) has its weights."""
+    own = weights(results)
+    if own.startswith("sampled ") and trained:
+        owner = trained.get(os.path.dirname(os.path.dirname(own.removeprefix("sampled "))))
+        own = weights(owner) if owner else own
+    return identity(results), (results.get("config") or {}).get("seed"), own
 
 
 def curve_rows(results: dict) -> list[dict]:
@@ -47,22 +85,43 @@ def curve_rows(results: dict) -> list[dict]:
         num_samples = (results.get("evaluate") or {}).get("num_samples")
         points = [{**metrics, "step": step, "num_samples": num_samples, "final": True}]
     setting = flatten(results.get("config") or {})
-    setting.update({"status": results.get("status"), "config_id": results.get("config_id")})
+    setting.update({"status": results.get("status"), "config_id": identity(results)})
     setting.update(_run_names(results))
     return [_curve_row(setting, point) for point in _ordered_curve(points)]
 
 
-def load_runs(*sweep_dirs: str | Path, completed_only: bool = True) -> pd.DataFrame:
-    """The runs (results.json files) under the given sweep or run folders."""
-    rows = [{**run_row(results), "group": group} for group, results in _results(sweep_dirs, completed_only)]
+def load_runs(*sweep_dirs: str | Path, completed_only: bool = True, quiet: bool = False) -> pd.DataFrame:
+    """The runs (results.json files) under the given sweep or run folders, one per observation."""
+    rows = []
+    for group, results, kept, _ in _observations(sweep_dirs, completed_only):
+        if kept is None:
+            rows.append({**run_row(results), "group": group})
+        elif not quiet:
+            log.warning("%s", duplicate_line(kept, results, "the second is left out"))
     return sort_by_setting(pd.DataFrame(rows))
 
 
-def load_curves(*sweep_dirs: str | Path, completed_only: bool = True) -> pd.DataFrame:
-    """The curve points of the runs under the given sweep or run folders, one row per (run, step)."""
-    rows = [{**row, "group": group} for group, results in _results(sweep_dirs, completed_only)
-            for row in curve_rows(results)]
-    return sort_by_setting(pd.DataFrame(rows))
+def load_curves(*sweep_dirs: str | Path, completed_only: bool = True, quiet: bool = False) -> pd.DataFrame:
+    """The curve points of the runs under the given sweep or run folders, one row per (observation, step)."""
+    found = _observations(sweep_dirs, completed_only)
+    taken: dict[tuple, set] = {}  # observation -> the steps its preferred runs gave
+    rows: dict[int, list[dict]] = {}
+    for i in sorted(range(len(found)), key=lambda i: found[i][2] is not None):  # preferred runs first
+        group, results, kept, key = found[i]
+        steps, every = taken.setdefault(key, set()), curve_rows(results)
+        rows[i] = [{**row, "group": group} for row in every if row["step"] not in steps]
+        if kept is not None and not quiet and len(rows[i]) < len(every):
+            log.warning("%s", duplicate_line(kept, results, "the second's points at the first's steps are left out"))
+        steps.update(row["step"] for row in rows[i])
+    return sort_by_setting(pd.DataFrame([row for i in sorted(rows) for row in rows[i]]))
+
+
+def duplicate_line(kept: dict, dropped: dict, what: str) -> str:
+    """One line saying that two runs are one observation and which one counts."""
+    cid, seed = identity(kept), (kept.get("config") or {}).get("seed")
+    return (f"duplicate: {kept['run_dir']} (step {summary_row(kept)['step']}) and {dropped['run_dir']} "
+            f"(step {summary_row(dropped)['step']}) are one observation (config_id {cid}, seed {seed}, same "
+            f"weights): counted once; {what}")
 
 
 def wandb_rows(runs: Iterable) -> pd.DataFrame:
@@ -135,7 +194,8 @@ def _curve_row(setting: dict, point: dict) -> dict:
 
 def _run_names(results: dict) -> dict:
     return {"run": Path(results.get("run_dir", "")).name, "run_dir": results.get("run_dir"),
-            "model.parameters": (results.get("model") or {}).get("parameters")}
+            "model.parameters": (results.get("model") or {}).get("parameters"), "weights": weights(results),
+            "sampled": sampled_checkpoint(results) if results.get("run_dir") else None}
 
 
 def _wandb_setting(run) -> dict:
@@ -155,7 +215,24 @@ def _results(sweep_dirs: Iterable[str | Path], completed_only: bool) -> Iterator
             results = json.loads(path.read_text())
             if completed_only and results.get("status") != "completed":
                 continue
-            yield sweep.name, {"run_dir": str(path.parent), **results}
+            yield sweep.name, {"run_dir": str(path.parent), **results, "_mtime": path.stat().st_mtime}
+
+
+def _observations(sweep_dirs: Iterable[str | Path], completed_only: bool) -> list[tuple[str, dict, dict | None, tuple]]:
+    """(sweep name, results, None or the preferred run of its observation), in folder order; the preferred
+    run of an observation has more steps, then trained its weights itself, then is the later results.json."""
+    found = list(_results(sweep_dirs, completed_only))
+    trained = {os.path.normpath(os.path.abspath(r["run_dir"])): r for _, r in found if weights(r).startswith("trained")}
+    keys = [observation(r, trained) for _, r in found]
+    preference = sorted(range(len(found)), key=lambda i: (-(summary_row(found[i][1])["step"] or 0),
+                                                           weights(found[i][1]).startswith("sampled "),
+                                                           -found[i][1]["_mtime"], i))
+    first: dict[tuple, dict] = {}
+    kept: dict[int, dict | None] = {}
+    for i in preference:
+        kept[i] = first.get(keys[i])
+        first.setdefault(keys[i], found[i][1])
+    return [(group, results, kept[i], keys[i]) for i, (group, results) in enumerate(found)]
 
 
 def _api_runs(path: str, group: str | None, filters: dict | None):

@@ -31,7 +31,7 @@ def build_report(entity: str, project: str, group: str):
 
     runs = wr.Runset(entity=entity, project=project, name=group, filters=[expr.Metric("Group") == group])
     columns = ["c::model.preset", "c::model.encoder_depth", "c::repa.enabled", "c::sampler.sharing",
-               "c::sampler.num_recompute", "s::step", "s::fid", "s::isc_mean", "s::kid_mean"]
+               "c::sampler.num_recompute", "s::step", "s::fid", "s::sfid", "s::isc_mean", "s::precision", "s::recall", "s::kid_mean"]
     panels = [
         wr.ScatterPlot(title="FID vs encoder depth", x=wr.Config("model.encoder_depth"), y=wr.SummaryMetric("fid")),
         wr.ScatterPlot(title="IS vs encoder depth", x=wr.Config("model.encoder_depth"),
@@ -40,6 +40,7 @@ def build_report(entity: str, project: str, group: str):
                                    columns=[wr.ParallelCoordinatesPlotColumn(metric=c) for c in columns]),
         wr.LinePlot(title="training loss", x="Step", y=["train/loss"]),
         curve_panel(wr, "FID vs training step", "fid"),
+        curve_panel(wr, "sFID vs training step", "sfid"),
         curve_panel(wr, "KID vs training step", "kid_mean"),
         wr.MediaBrowser(title="EMA samples", media_keys=["samples/ema_grid"]),
     ]

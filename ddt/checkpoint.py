@@ -24,12 +24,26 @@ OFFICIAL_PREFIXES = ("ema_denoiser.", "denoiser.")
 OFFICIAL_PROJECTOR_PREFIX = "diffusion_trainer.proj.0."
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, write_fn) -> None:
     """Call write_fn(file_object) on a temp file next to `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())  # mkstemp's 0600 would hide results from the rest of a lab
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -106,10 +120,20 @@ def load(path: str | Path, mmap: bool = False) -> dict:
         except pickle.UnpicklingError:  # foreign classes (Lightning's): read the tensors, run nothing
             with torch.serialization.safe_globals(_inert_globals(path)):
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as err:  # corrupt or truncated file
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError(f"{path} is not a readable checkpoint ({reason}): it may be truncated or not a "
-                         f"torch state dict; delete it or point ckpt= at another file") from err
+    except Exception as err:  # not a checkpoint at all, or a corrupt or truncated one
+        raise UsageError(unreadable_checkpoint(path, err)) from err
+
+
+def unreadable_checkpoint(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in words: not a checkpoint file at all, or a damaged one (the file is the user's: keep it)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save: a zip archive (a pickle before 1.6)
+        return (f"{path} is not a checkpoint (not a file torch.save wrote); point ckpt= at a .pt file, "
+                f"e.g. RUN_DIR/checkpoints/last.pt or a converted official checkpoint")
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (f"{path} is not a readable checkpoint ({reason}): it may be truncated or hold objects other "
+            f"than tensors; point ckpt= at another checkpoint")
 
 
 def official_denoiser_state_dict(state_dict: Mapping[str, torch.Tensor],
@@ -131,6 +155,13 @@ def official_projector_state_dict(state_dict: Mapping[str, Any]) -> dict[str, to
         state_dict = state_dict["state_dict"]
     n = len(OFFICIAL_PROJECTOR_PREFIX)
     return {k[n:]: v for k, v in state_dict.items() if k.startswith(OFFICIAL_PROJECTOR_PREFIX)}
+
+
+def projector_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The REPA projector of a suite checkpoint (`objective`) or a released Lightning one (empty if none)."""
+    if "objective" in state and "signature" in state:
+        return dict(state["objective"])
+    return official_projector_state_dict(state)
 
 
 def to_official_lightning(model: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],

@@ -20,8 +20,33 @@ from ddt.schema import check_types
 
 STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
 
-# Keys that say nothing about what a run computes: runs that differ only in these share a config_id.
-NOT_CONFIG_ID_KEYS = ("seed", "name", "cache_dir", "progress", "device", "logger", "tags")
+# The identity rule, written once (config_id here, run folder names in conf/config.yaml's
+# override_dirname.exclude_keys, docs/running.md "What names a run"). A run is defined by its model,
+# data, training recipe, sampler and evaluation protocol; these keys only say how or where it ran, so
+# runs that differ in them compute the same numbers. A group name stands for all of its keys.
+# train.max_steps is here because a run is a prefix of a longer run of its recipe (the data order and
+# the constant learning rate do not depend on it): runs of one recipe are compared at a common step.
+# ckpt: the weights a run starts from or samples are recorded beside its results (analysis.results).
+# eval.num_samples is not here: FID's value depends on it.
+HOW_IT_RAN_KEYS = (
+    "name", "stage", "ckpt", "device", "progress", "logger", "tags", "cache_dir", "hydra", "cluster",
+    "train.max_steps", "train.ckpt_every", "train.keep_every", "train.log_every", "train.compile",
+    "train.activation_checkpointing",
+    "data.root", "data.latents_dir", "data.num_workers", "data.shard_size", "data.cache_batch_size",
+    "data.cache_rank", "data.cache_world_size",
+    "sampler.batch_size", "sampler.compile",
+    "eval.every_steps", "eval.curve_num_samples", "eval.feature_batch_size", "eval.inception_weights",
+    "eval.reference_npz", "eval.dinov2_weights",
+    "repa.target_weights",
+)
+# Not how it ran, but the one key whose runs form the interval of a setting: out of config_id only.
+SEED_KEY = "seed"
+
+
+def how_it_ran(key: str) -> bool:
+    """Whether a dotted key (`train.log_every`, `+cluster`, `logger.mode`) only says how or where a run ran."""
+    key = key.lstrip("+~")
+    return any(key == k or key.startswith(f"{k}.") for k in HOW_IT_RAN_KEYS)
 
 
 def _decoder_depth(depth: int, encoder_depth: int) -> int:
@@ -81,9 +106,18 @@ def comparable(plain: dict) -> dict:
     return out
 
 
+def experiment(plain: dict, without: tuple[str, ...] = ()) -> dict:
+    """The resolved config without the how_it_ran keys, the seed and `without` (dotted keys): what defines the experiment."""
+    def keep(key: str) -> bool:
+        return not (how_it_ran(key) or key == SEED_KEY or any(key == w or key.startswith(f"{w}.") for w in without))
+
+    return {group: ({k: v for k, v in value.items() if keep(f"{group}.{k}")} if isinstance(value, dict) else value)
+            for group, value in comparable(plain).items() if keep(group)}
+
+
 def config_id(plain: dict) -> str:
-    """Hash of the resolved config without seed, run names and logging keys: the group of a run's seeds."""
-    return digest({k: v for k, v in comparable(plain).items() if k not in NOT_CONFIG_ID_KEYS})
+    """Hash of what defines the experiment (see HOW_IT_RAN_KEYS), the seed excluded: the group of a run's seeds."""
+    return digest(experiment(plain))
 
 
 def stages(cfg: DictConfig) -> list[str]:

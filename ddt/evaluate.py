@@ -1,33 +1,45 @@
-"""Sampling to disk (PNGs + ADM-layout npz, resumable) and torch-fidelity metrics.
+"""Sampling to disk (PNGs + ADM-layout npz, resumable) and the ADM evaluator's metrics.
 
-Digits runs measure FID/IS/KID/precision/recall with a small classifier trained on the digits data
-(its weights ship with the repository; registered as torch-fidelity feature extractor
-`digits-classifier`); ImageNet runs use
-torch-fidelity's Inception-v3 (`inception-v3-compat`), from a local file or its download URL.
-`eval.fd_dinov2` adds the Fréchet distance in DINOv2 features (EDM2, RAE) with torch-fidelity's
-DINOv2 extractor, its network built from the official weights file instead of torch.hub.
+Metrics follow openai/guided-diffusion's `evaluations/evaluator.py` (the math is in ddt.adm_metrics):
+FID, sFID, Inception Score, precision and recall, plus torch-fidelity's KID, on activations of
+torch-fidelity's Inception-v3 (`inception-v3-compat`, from a local file or its download URL). Digits
+runs use a small classifier trained on the digits data instead (its weights ship with the repository;
+registered as torch-fidelity feature extractor `digits-classifier`). `eval.fd_dinov2` adds the
+Fréchet distance in DINOv2 features (EDM2, RAE) with torch-fidelity's DINOv2 extractor, its network
+built from the official weights file instead of torch.hub.
+
+Score any ADM-layout sample batch (arr_0 uint8 NHWC, e.g. from DiT's sample_ddp.py) the way the ADM
+evaluator's command line does:
+
+    python -m ddt.evaluate SAMPLES.npz VIRTUAL_imagenet256_labeled.npz [--inception-weights FILE]
+        [--cache-dir DIR] [--out metrics.json]
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import os
 import re
 import socket
+import sys
 import time
 import uuid
+import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 
+from ddt import adm_metrics
 from ddt.checkpoint import atomic_write_bytes, load, required_file
 from ddt.images import to_uint8
-from ddt.models.digits_classifier import DigitsClassifier
+from ddt.models.digits_classifier import DigitsClassifier, file_sha256
 from ddt.progress import is_terminal, progress as progress_bar
 from ddt.sampling import SamplingStats, sample
 
@@ -325,11 +337,16 @@ def dinov2_weights_path(configured: str | None, cache_dir: str | Path, model: st
 
 
 #################################################################################
-#                                   Metrics                                     #
+#                     Activations: pool, logits, spatial                        #
 #################################################################################
 
+SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv for sFID
+# Each extractor's (pool, logits) feature names: FID/precision/recall/KID on the first, IS on the second.
+EXTRACTOR_LAYERS = {INCEPTION_EXTRACTOR: ("2048", "logits_unbiased"), DIGITS_EXTRACTOR: ("features", "logits")}
+
+
 class UInt8Images(torch.utils.data.Dataset):
-    """A uint8 (N, 3, H, W) tensor as the Dataset torch-fidelity expects."""
+    """A uint8 (N, 3, H, W) tensor as a Dataset of CHW images."""
 
     def __init__(self, images: torch.Tensor):
         self.images = images
@@ -341,12 +358,183 @@ class UInt8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
+class PngFolder(torch.utils.data.Dataset):
+    """The *.png files of a folder in name order (sample order for 000000.png, ...) as uint8 CHW images."""
+
+    def __init__(self, root: str | Path):
+        self.paths = sorted(Path(root).glob("*.png"))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(Image.open(self.paths[i]).convert("RGB"))).permute(2, 0, 1)
+
+
+def npz_header(path: str | Path, name: str = "arr_0") -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of array `name` in an npz, read from its header only; None when it has no such array."""
+    with zipfile.ZipFile(path) as archive:
+        if f"{name}.npy" not in archive.namelist():
+            return None
+        with archive.open(f"{name}.npy") as f:
+            shape, _, dtype = npy_header(f)
+    return tuple(shape), dtype
+
+
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from an open .npy stream, leaving it at the first data byte."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"unsupported .npy format version {version}; save the batch with numpy's np.savez")
+
+
+def npz_batches(path: str | Path, batch_size: int) -> Iterator[torch.Tensor]:
+    """arr_0 (uint8 NHWC) of an npz as uint8 NCHW batches, streamed from the file (a 50K×512² batch is 39 GB)."""
+    with zipfile.ZipFile(path) as archive, archive.open("arr_0.npy") as f:
+        shape, fortran, dtype = npy_header(f)
+        if fortran:
+            raise ValueError(f"{path}: arr_0 is stored in Fortran order; save it with np.savez from a C-order array")
+        per_image = int(np.prod(shape[1:])) * dtype.itemsize
+        for first in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - first)
+            data = f.read(count * per_image)
+            if len(data) != count * per_image:
+                raise ValueError(f"{path}: arr_0 ends after {first} of {shape[0]} images; the file is truncated")
+            yield torch.from_numpy(np.frombuffer(data, dtype).reshape(count, *shape[1:]).copy()).permute(0, 3, 1, 2)
+
+
+def as_dataset(images: torch.Tensor | torch.utils.data.Dataset | str | Path) -> torch.utils.data.Dataset:
+    """A Dataset of uint8 CHW images from a uint8 NCHW tensor, a Dataset or a folder of PNGs."""
+    if isinstance(images, torch.Tensor):
+        return UInt8Images(images)
+    if isinstance(images, (str, Path)):
+        return PngFolder(images)
+    return images
+
+
+def count_images(images) -> int:
+    """How many images a source of images (see image_batches) holds."""
+    if isinstance(images, (str, Path)) and Path(images).suffix == ".npz":
+        return npz_header(images)[0][0]
+    return len(as_dataset(images))
+
+
+def image_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
+    """uint8 NCHW batches, in order, of a tensor, a Dataset, a folder of PNGs or an npz's arr_0."""
+    if isinstance(images, (str, Path)) and Path(images).suffix == ".npz":
+        return npz_batches(images, batch_size)
+    dataset = as_dataset(images)
+    # Worker processes pay off for large decoded sets only (an ImageNet folder), not for a few batches.
+    decoded = not isinstance(dataset, UInt8Images) and len(dataset) > 8 * batch_size
+    workers = min(8, os.cpu_count() or 1) if decoded else 0
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+
+
+def build_extractor(name: str, weights_path: str | Path, device: torch.device) -> nn.Module:
+    """torch-fidelity's feature extractor `name` giving (pool, logits) features, weights from weights_path."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    register_extractors()
+    if name not in EXTRACTOR_LAYERS:
+        raise ValueError(f"eval.feature_extractor={name!r} has no pool/logits/spatial layers; "
+                         f"use one of {sorted(EXTRACTOR_LAYERS)}")
+    return create_feature_extractor(name, list(EXTRACTOR_LAYERS[name]), cuda=device.type == "cuda",
+                                    feature_extractor_weights_path=str(weights_path), verbose=False)
+
+
+def spatial_layer(extractor: nn.Module) -> nn.Module:
+    """The layer of sFID's spatial features: ADM's mixed_6/conv (Inception's Mixed_6d.branch1x1, 17×17×192,
+    after its ReLU), or for the digits classifier its analogue, the second conv after its ReLU (8×8×64)."""
+    if hasattr(extractor, "Mixed_6d"):
+        return extractor.Mixed_6d.branch1x1
+    return extractor.net.conv[3]
+
+
+def nhwc_flat(maps: torch.Tensor) -> np.ndarray:
+    """First SPATIAL_CHANNELS channels of NCHW maps flattened in NHWC order, as ADM's spatial features."""
+    return maps[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(maps), -1).float().cpu().numpy()
+
+
+def extract_activations(images, extractor: nn.Module, *, batch_size: int, desc: str,
+                        verbose: bool = False) -> dict[str, np.ndarray]:
+    """float32 `pool`, `logits` and NHWC `spatial` activations of every image, in order."""
+    device = next(extractor.parameters()).device
+    spatial, pool, logits = [], [], []
+    hook = spatial_layer(extractor).register_forward_hook(lambda module, inputs, out: spatial.append(nhwc_flat(out)))
+    bar = progress_bar(count_images(images), desc, "img", enabled=verbose)
+    try:
+        with torch.no_grad():
+            for batch in image_batches(images, batch_size):
+                features, batch_logits = extractor(batch.to(device))
+                pool.append(features.float().cpu().numpy())
+                logits.append(batch_logits.float().cpu().numpy())
+                bar.update(len(batch))
+    finally:
+        hook.remove()
+        bar.close()
+    return {"pool": np.concatenate(pool), "logits": np.concatenate(logits), "spatial": np.concatenate(spatial)}
+
+
+#################################################################################
+#                  Reference activations, cached by content                     #
+#################################################################################
+
+def content_key(reference) -> str:
+    """A hash of what a reference holds: an npz's bytes, a tensor's bytes, or an image folder's file list,
+    sizes and mtimes (and the image size it is read at), so a replaced reference is never mistaken for the old."""
+    if isinstance(reference, (str, Path)):
+        return file_sha256(reference)
+    if isinstance(reference, UInt8Images):
+        reference = reference.images
+    if isinstance(reference, torch.Tensor):
+        array = reference.contiguous().cpu().numpy()
+        return hashlib.sha256(repr((array.shape, str(array.dtype))).encode() + array.tobytes()).hexdigest()
+    folder = getattr(reference, "folder", None)  # ddt.data.imagenet.FolderImages
+    if folder is not None and hasattr(folder, "files"):
+        listing = [(name, *(lambda s: (s.st_size, s.st_mtime_ns))(os.stat(os.path.join(folder.root, name))))
+                   for name in folder.files]
+        return hashlib.sha256(json.dumps([folder.image_size, listing]).encode()).hexdigest()
+    raise TypeError(f"cannot key cached reference features on the content of a {type(reference).__name__}; "
+                    f"pass a uint8 tensor, an ImageFolder's FolderImages or an npz path")
+
+
+def reference_activations(reference, extractor: nn.Module, *, extractor_name: str, weights_path: str | Path,
+                          cache_dir: str | Path, reference_name: str, batch_size: int,
+                          verbose: bool = False) -> dict[str, np.ndarray]:
+    """Activations of the reference images, from cache_dir/reference/ when this content and these weights
+    made them before (the entry used is logged), else extracted and stored there (temp file + rename)."""
+    images = reference if isinstance(reference, (str, Path)) else _reference_dataset(reference)
+    entry = (Path(cache_dir) / "reference" /
+             f"{reference_name or 'reference'}-{extractor_name}-{content_key(reference)[:16]}-"
+             f"{file_sha256(weights_path)[:12]}.npz")
+    if entry.is_file():
+        log.info("reference features: cache entry %s", entry)
+        with np.load(entry) as cached:
+            return {k: cached[k] for k in cached.files}
+    activations = extract_activations(images, extractor, batch_size=batch_size, desc="reference features",
+                                      verbose=verbose)
+    atomic_write_bytes(entry, lambda f: np.savez(f, **activations))
+    log.info("reference features: new cache entry %s", entry)
+    return activations
+
+
+#################################################################################
+#                                   Metrics                                     #
+#################################################################################
+
 def _reference_dataset(reference) -> torch.utils.data.Dataset:
     return UInt8Images(reference) if isinstance(reference, torch.Tensor) else reference
 
 
+STAT_PAIRS = {"fid": ("mu", "sigma"), "sfid": ("mu_s", "sigma_s")}  # what an ADM reference batch stores
+ISC_PROTOCOLS = ("adm", "torch_fidelity")  # eval.isc_protocol
+
+
 def check_reference_npz(path: str | Path) -> Path:
-    """Fail unless path is an ADM-style reference batch with mu and sigma (its images are not read)."""
+    """Fail unless path is an ADM-style reference batch with mu and sigma or images (arr_0), read from headers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -356,91 +544,207 @@ def check_reference_npz(path: str | Path) -> Path:
             f"eval.reference_npz=PATH")
     with np.load(path) as npz:
         missing = {"mu", "sigma"} - set(npz.files)
-        if missing:
-            raise ValueError(f"reference batch {path} has no {sorted(missing)} (arrays: {npz.files}); "
-                             f"it must hold an ADM-style mu/sigma of Inception pool features")
+        if missing and "arr_0" not in npz.files:
+            raise ValueError(f"reference batch {path} has no {sorted(missing)} (arrays: {npz.files}) and no images "
+                             f"(arr_0) to compute them from; it must hold an ADM-style mu/sigma of Inception pool "
+                             f"features or the reference images")
     return path
 
 
-def read_reference_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """mu, sigma (and arr_0 images, NHWC uint8, when present) of an ADM-suite reference batch."""
+def read_reference_stats(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The statistics an ADM reference batch stores: {"fid": (mu, sigma), "sfid": (mu_s, sigma_s)} where present."""
     with np.load(check_reference_npz(path)) as npz:
-        return {k: npz[k] for k in ("mu", "sigma", "arr_0") if k in npz.files}
+        return {metric: (npz[mu], npz[sigma]) for metric, (mu, sigma) in STAT_PAIRS.items()
+                if {mu, sigma} <= set(npz.files)}
+
+
+def frechet_metric(name: str, activations: np.ndarray, reference: tuple[np.ndarray, np.ndarray], source) -> float:
+    """ADM's Fréchet distance of activations' statistics to reference (mu, sigma); fails naming a size mismatch."""
+    if np.shape(reference[0]) != activations.shape[1:]:
+        raise ValueError(f"reference {source} has {np.shape(reference[0])[0]}-d statistics for {name} but the feature "
+                         f"extractor gives {activations.shape[1]}-d features; use the reference batch made for it")
+    return adm_metrics.frechet_distance_of(activations, *reference)
+
+
+def inception_score(logits: np.ndarray, protocol: str) -> dict[str, float]:
+    """isc_mean/isc_std by ADM's consecutive 5,000-sample splits or torch-fidelity's 10 shuffled splits."""
+    if protocol == "torch_fidelity":
+        from torch_fidelity.metric_isc import isc_features_to_metric
+
+        out = isc_features_to_metric(torch.from_numpy(logits))  # its defaults: 10 splits, shuffled, seed 2020
+        return {"isc_mean": float(out["inception_score_mean"]), "isc_std": float(out["inception_score_std"])}
+    mean, std = adm_metrics.inception_score(logits)
+    return {"isc_mean": mean, "isc_std": std}
+
+
+
+def kernel_inception_distance(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """torch-fidelity's unbiased KID: its subset size (1000) but never more images than either side has."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    out = kid_features_to_metric(torch.from_numpy(samples), torch.from_numpy(reference), verbose=False,
+                                 kid_subset_size=min(1000, len(samples), len(reference)))
+    return {"kid_mean": float(out["kernel_inception_distance_mean"]),
+            "kid_std": float(out["kernel_inception_distance_std"])}
 
 
 def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path,
                       *, feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
-                      reference_name: str, prc: bool = True, kid: bool = False, isc: bool = True,
-                      weights_tag: str | None = None, batch_size: int = 250, verbose: bool = True) -> dict[str, float]:
-    """FID, IS (and precision/recall, KID) of samples (a folder or uint8 NCHW) against a reference.
+                      reference_name: str = "reference", prc: bool = True, kid: bool = False, isc: bool = True,
+                      isc_protocol: str = "adm", batch_size: int = 250, verbose: bool = True) -> dict[str, float]:
+    """The ADM evaluator's FID, sFID, IS, precision, recall (and KID) of samples against a reference.
 
-    The reference is images (a uint8 NCHW tensor or a Dataset of uint8 CHW images; their features
-    are cached under reference_name and weights_tag, default the weights' file name) or an ADM
-    reference-batch npz: FID then uses the npz's own mu/sigma, and precision/recall/KID its images (arr_0).
+    samples: a folder of PNGs, an ADM-layout npz (arr_0 uint8 NHWC) or a uint8 NCHW tensor. The
+    reference is images (a uint8 NCHW tensor or a Dataset of uint8 CHW images) or an ADM reference
+    batch npz: FID/sFID then use its mu/sigma and mu_s/sigma_s where present (else statistics of its
+    arr_0), precision/recall/KID its images. Reference activations are cached by content (content_key).
     """
-    import torch_fidelity
-    from torch_fidelity import metric_fid, utils as fidelity_utils
-
-    # torch-fidelity's output is tqdm bars: without a terminal they would garble the log.
-    verbose = verbose and is_terminal()
-    register_extractors()
-    npz = read_reference_npz(reference) if isinstance(reference, (str, Path)) else None
-    if npz is not None:
-        if "arr_0" not in npz and (prc or kid):
-            log.warning("reference batch %s has no images (arr_0): precision/recall/KID are skipped", reference)
-            prc = kid = False
-        input2 = UInt8Images(torch.from_numpy(npz["arr_0"]).permute(0, 3, 1, 2)) if (prc or kid) else None
-    else:
-        input2 = _reference_dataset(reference)
-    weights_path = Path(weights_path)
-    # Reference features are cached per (reference, extractor weights) so retraining invalidates them;
-    # the samples' features are cached only for the length of this call (FID from an npz reuses them).
-    samples_cache_name = f"samples-{uuid.uuid4().hex}"
-    kwargs = dict(
-        input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
-        input1_cache_name=samples_cache_name,
-        cache_root=str(Path(cache_dir) / "fidelity"), cache=True,
-        feature_extractor=feature_extractor, feature_extractor_weights_path=str(weights_path),
-        batch_size=batch_size, cuda=torch.cuda.is_available(), save_cpu_ram=True,
-        samples_find_ext="png", verbose=verbose,
-    )
-    if input2 is not None:
-        kwargs.update(input2=input2,
-                      input2_cache_name=f"{reference_name}-{feature_extractor}-{weights_tag or weights_path.stem}")
-    if kid:  # torch-fidelity's default subset size (1000) but never more images than either side has
-        num_samples = len(list(Path(samples).glob("*.png"))) if isinstance(samples, (str, Path)) else len(samples)
-        kwargs["kid_subset_size"] = min(1000, len(input2), num_samples)
-    try:
-        metrics = torch_fidelity.calculate_metrics(fid=npz is None, isc=isc, prc=prc, kid=kid, **kwargs)
-        if npz is not None:
-            layer = fidelity_utils.resolve_feature_layer_for_metric("fid", **kwargs)
-            extractor = fidelity_utils.create_feature_extractor(feature_extractor, [layer], **kwargs)
-            features = fidelity_utils.extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
-            stats = metric_fid.fid_featuresdict_to_statistics(features, layer)
-            reference_stats = {"mu": npz["mu"].astype(stats["mu"].dtype),
-                               "sigma": npz["sigma"].astype(stats["sigma"].dtype)}
-            if reference_stats["mu"].shape != stats["mu"].shape:
-                raise ValueError(f"reference batch {reference} has {reference_stats['mu'].shape[0]}-d statistics "
-                                 f"but {feature_extractor} gives {stats['mu'].shape[0]}-d features")
-            metrics.update(metric_fid.fid_statistics_to_metric(stats, reference_stats, verbose))
-    finally:
-        for path in (Path(cache_dir) / "fidelity").glob(f"{samples_cache_name}-*"):
-            path.unlink(missing_ok=True)
-    names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean",
-             "inception_score_std": "isc_std", "precision": "precision", "recall": "recall",
-             "f_score": "f_score", "kernel_inception_distance_mean": "kid_mean",
-             "kernel_inception_distance_std": "kid_std"}
-    return {names.get(k, k): float(v) for k, v in metrics.items()}
+    if isc_protocol not in ISC_PROTOCOLS:
+        raise ValueError(f"eval.isc_protocol={isc_protocol!r} is unknown; use {' or '.join(ISC_PROTOCOLS)}")
+    stored = read_reference_stats(reference) if isinstance(reference, (str, Path)) else {}
+    has_images = not isinstance(reference, (str, Path)) or npz_header(reference) is not None
+    if not has_images and (prc or kid):
+        log.warning("reference batch %s has no images (arr_0): precision/recall/KID are skipped", reference)
+        prc = kid = False
+    if not has_images and "sfid" not in stored:
+        log.warning("reference batch %s has neither mu_s/sigma_s nor images (arr_0): sFID is skipped", reference)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = build_extractor(feature_extractor, weights_path, device)
+    acts = extract_activations(samples, extractor, batch_size=batch_size, desc="sample features", verbose=verbose)
+    ref = None
+    if has_images and (prc or kid or len(stored) < len(STAT_PAIRS)):
+        ref = reference_activations(reference, extractor, extractor_name=feature_extractor, weights_path=weights_path,
+                                    cache_dir=cache_dir, reference_name=reference_name, batch_size=batch_size,
+                                    verbose=verbose)
+    metrics = {}
+    for metric, layer in (("fid", "pool"), ("sfid", "spatial")):
+        stats = stored.get(metric)
+        if stats is None and ref is not None:
+            stats = adm_metrics.statistics(ref[layer])
+        if stats is not None:
+            metrics[metric] = frechet_metric(metric, acts[layer], stats, reference)
+    if isc:
+        metrics.update(inception_score(acts["logits"], isc_protocol))
+    if prc:
+        metrics["precision"], metrics["recall"] = adm_metrics.precision_recall(ref["pool"], acts["pool"])
+    if kid:
+        metrics.update(kernel_inception_distance(acts["pool"], ref["pool"]))
+    return metrics
 
 
 def fd_dinov2(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path, *,
-              model: str, weights_path: str | Path, **kwargs) -> float:
+              model: str, weights_path: str | Path, cache_dir: str | Path, reference_name: str = "reference",
+              batch_size: int = 250, verbose: bool = True) -> float:
     """FD-DINOv2: torch-fidelity's FID computed on the DINOv2 CLS features of samples and reference images.
 
-    kwargs as calculate_metrics (cache_dir, reference_name, weights_tag, batch_size, verbose); the
-    reference's features are cached like the Inception ones. An ADM npz has no DINOv2 statistics.
+    The reference's features are cached by content and weights, as the Inception ones. An ADM npz has no
+    DINOv2 statistics.
     """
+    import torch_fidelity
+
     if isinstance(reference, (str, Path)):
         raise ValueError(NPZ_HAS_NO_DINOV2)
-    return calculate_metrics(samples, reference, feature_extractor=model + LOCAL_DINOV2, weights_path=weights_path,
-                             isc=False, prc=False, kid=False, **kwargs)["fid"]
+    register_extractors()
+    name = model + LOCAL_DINOV2
+    # torch-fidelity caches the samples' features too; they are removed after this call.
+    samples_cache_name = f"samples-{uuid.uuid4().hex}"
+    cache_root = Path(cache_dir) / "fidelity"
+    try:
+        metrics = torch_fidelity.calculate_metrics(
+            input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
+            input1_cache_name=samples_cache_name, input2=_reference_dataset(reference),
+            input2_cache_name=f"{reference_name}-{name}-{content_key(reference)[:16]}-{file_sha256(weights_path)[:12]}",
+            cache_root=str(cache_root), cache=True, fid=True, feature_extractor=name,
+            feature_extractor_weights_path=str(weights_path), batch_size=batch_size, cuda=torch.cuda.is_available(),
+            save_cpu_ram=True, samples_find_ext="png", verbose=verbose and is_terminal())
+    finally:
+        for path in cache_root.glob(f"{samples_cache_name}-*"):
+            path.unlink(missing_ok=True)
+    return float(metrics["frechet_inception_distance"])
+
+
+#################################################################################
+#            Command line: score an ADM-layout sample batch                     #
+#################################################################################
+
+def batch_problems(path: str | Path, role: str) -> list[str]:
+    """One line per problem that stops `path` from serving as an ADM `role` batch ("sample" or "reference")."""
+    path = Path(path)
+    if not path.is_file():
+        return [f"{role} batch {path} does not exist"]
+    try:
+        with np.load(path) as npz:
+            files = set(npz.files)
+        header = npz_header(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return [f"{role} batch {path} is not an npz file ({' '.join(str(err).split()) or type(err).__name__}); "
+                f"save it with np.savez(path, arr_0=images)"]
+    problems = []
+    if header is None:
+        stats = "" if role == "sample" else (" (precision and recall need the reference images"
+                                              + ("" if {"mu_s", "sigma_s"} <= files else ", and it has no "
+                                                 "mu_s/sigma_s to give sFID without them") + ")")
+        problems.append(f"{role} batch {path} has no arr_0 (arrays: {sorted(files)}){stats}; it must hold "
+                        f"uint8 images N×H×W×3 in arr_0")
+    else:
+        shape, dtype = header
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+            problems.append(f"{role} batch {path}: arr_0 is {dtype} of shape {shape}; it must be uint8 N×H×W×3 "
+                            f"(NHWC, 0-255), as np.savez(path, arr_0=images) of the ADM suite")
+    for metric, pair in STAT_PAIRS.items():
+        if len(set(pair) & files) == 1:
+            problems.append(f"{role} batch {path} has {sorted(set(pair) & files)[0]} without "
+                            f"{sorted(set(pair) - files)[0]}; {metric} needs both (or neither, to compute them)")
+    return problems
+
+
+def score_batches(samples: Path, reference: Path, weights: Path, cache_dir: Path, batch_size: int) -> dict:
+    """The five ADM metrics of a sample batch against a reference batch, with what made them."""
+    metrics = calculate_metrics(samples, reference, feature_extractor=INCEPTION_EXTRACTOR, weights_path=weights,
+                                cache_dir=cache_dir, reference_name=reference.stem, prc=True, kid=False,
+                                isc_protocol="adm", batch_size=batch_size)
+    return {**metrics, "isc_protocol": "adm", "num_samples": count_images(samples), "samples": str(samples),
+            "reference": str(reference), "reference_sha256": file_sha256(reference),
+            "feature_extractor": {"name": INCEPTION_EXTRACTOR, "weights": str(weights),
+                                  "sha256": file_sha256(weights)}}
+
+
+ADM_LINES = (("Inception Score", "isc_mean"), ("FID", "fid"), ("sFID", "sfid"), ("Precision", "precision"),
+             ("Recall", "recall"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ddt.evaluate SAMPLES.npz REFERENCE.npz`: print and write the ADM evaluator's five metrics."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ddt.evaluate", description=main.__doc__)
+    parser.add_argument("samples", type=Path, help="sample batch npz: arr_0 uint8 N×H×W×3")
+    parser.add_argument("reference", type=Path, help="reference batch npz, e.g. VIRTUAL_imagenet256_labeled.npz")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"torch-fidelity Inception-v3 weights (default: CACHE_DIR/{Path(INCEPTION_URL).name})")
+    parser.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("DDT_CACHE_DIR", ".cache/ddt")),
+                        help="weights and cached reference activations (default: $DDT_CACHE_DIR or .cache/ddt)")
+    parser.add_argument("--out", type=Path, default=None, help="metrics JSON (default: SAMPLES with .metrics.json)")
+    parser.add_argument("--batch-size", type=int, default=200)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    problems = batch_problems(args.samples, "sample") + batch_problems(args.reference, "reference")
+    try:
+        weights = inception_weights_path(args.inception_weights, args.cache_dir) if not problems else None
+    except (OSError, RuntimeError) as err:
+        problems.append(" ".join(str(err).split()))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        return 2
+    result = score_batches(args.samples, args.reference, weights, args.cache_dir, args.batch_size)
+    for label, key in ADM_LINES:
+        print(f"{label}: {result[key]}")
+    out = args.out or args.samples.with_suffix(".metrics.json")
+    atomic_write_bytes(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+    print(f"metrics written to {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

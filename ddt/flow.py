@@ -7,6 +7,7 @@ The path, the training-time distribution and the losses live here, apart from th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,34 @@ def interpolate(x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[
     return t * x + (1 - t) * noise, x - noise
 
 
-def drop_labels(labels: torch.Tensor, probability: float, null_label: int,
-                generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Replace labels by the null label with the given probability (classifier-free guidance)."""
-    drop = rank_rows(torch.rand, tuple(labels.shape), generator, shard, device=labels.device) < probability
-    return torch.where(drop, torch.full_like(labels, null_label), labels)
+@dataclass(frozen=True)
+class FlowDraws:
+    """The random numbers of one flow-matching step: times t, noise ε, and which labels become the null label."""
+
+    t: torch.Tensor
+    noise: torch.Tensor
+    dropped: torch.Tensor  # bool, one per label
+
+
+def draw_flow(x: torch.Tensor, *, generator: torch.Generator, time_distribution: str = "lognorm",
+              label_dropout: float = 0.1, shard: tuple[int, int] = (0, 1)) -> FlowDraws:
+    """Draw t, then ε, then the label-dropout mask (this order is what a resumed run replays)."""
+    t = sample_time(x.shape[0], time_distribution, generator, x.device, shard)
+    noise = rank_rows(torch.randn, tuple(x.shape), generator, shard, device=x.device, dtype=x.dtype)
+    dropped = rank_rows(torch.rand, (x.shape[0],), generator, shard, device=x.device) < label_dropout
+    return FlowDraws(t, noise, dropped)
+
+
+def drop_labels(labels: torch.Tensor, dropped: torch.Tensor, null_label: int) -> torch.Tensor:
+    """The labels with the dropped ones replaced by the null label (classifier-free guidance)."""
+    return torch.where(dropped, torch.full_like(labels, null_label), labels)
+
+
+def velocity_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, draws: FlowDraws) -> torch.Tensor:
+    """Mean squared error between the predicted and the target velocity for given draws."""
+    x_t, target = interpolate(x, draws.noise, draws.t)
+    v, _ = model(x_t, draws.t, drop_labels(labels, draws.dropped, model.num_classes))
+    return (v.float() - target.float()).pow(2).mean()
 
 
 def flow_matching_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *,
@@ -47,12 +71,9 @@ def flow_matching_loss(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, 
 
     `shard` = (rank, world size): x is this rank's share of a global batch (ddt.distributed.rank_rows).
     """
-    t = sample_time(x.shape[0], time_distribution, generator, x.device, shard)
-    noise = rank_rows(torch.randn, tuple(x.shape), generator, shard, device=x.device, dtype=x.dtype)
-    labels = drop_labels(labels, label_dropout, model.num_classes, generator, shard)
-    x_t, target = interpolate(x, noise, t)
-    v, _ = model(x_t, t, labels)
-    return (v.float() - target.float()).pow(2).mean()
+    draws = draw_flow(x, generator=generator, time_distribution=time_distribution, label_dropout=label_dropout,
+                      shard=shard)
+    return velocity_loss(model, x, labels, draws)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from ddt.images import to_model_range
-from ddt.flow import dispersive_loss, flow_matching_loss
-from ddt.models.repa import RepaLoss, capture_blocks
+from ddt.flow import FlowDraws, dispersive_loss, draw_flow, velocity_loss
+from ddt.models.repa import RepaLoss, capture_blocks, describe_widths, projector_widths
 from ddt.models.vae import LatentCodec, sample_posterior
 
 
@@ -58,13 +58,19 @@ class Objective(nn.Module):
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, named loss terms) of one batch."""
         x = self.latents(batch, generator)
-        kwargs = dict(generator=generator, time_distribution=self.time_distribution,
-                      label_dropout=self.label_dropout, shard=self.shard)
+        draws = draw_flow(x, generator=generator, time_distribution=self.time_distribution,
+                          label_dropout=self.label_dropout, shard=self.shard)
+        repa_target = self.repa.target(batch["images"]) if self.repa is not None else None  # frozen: no draws
+        return self.losses(model, x, batch["labels"], draws, repa_target)
+
+    def losses(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, draws: FlowDraws,
+               repa_target: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, named loss terms) for given draws and REPA target tokens (needed when REPA is on)."""
         with capture_blocks(model, self.regularised_layers()) as hidden:  # no layers: no hooks, plain flow matching
-            fm_loss = flow_matching_loss(model, x, batch["labels"], **kwargs)
+            fm_loss = velocity_loss(model, x, labels, draws)
         loss, terms = fm_loss, {"fm_loss": fm_loss}
         if self.repa is not None:
-            terms["repa_loss"] = self.repa(hidden[self.repa.align_layer][0], batch["images"])
+            terms["repa_loss"] = self.repa.alignment_loss(hidden[self.repa.align_layer][0], repa_target)
             loss = loss + self.repa.weight * terms["repa_loss"]
         if self.dispersive is not None:
             d = self.dispersive
@@ -79,6 +85,13 @@ class Objective(nn.Module):
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of trainable_state_dict."""
         if self.repa is not None:
+            if not state:
+                raise ValueError("the checkpoint holds no REPA projector (trained with repa off); use repa=off "
+                                 "to resume it")
+            have = projector_widths(state)
+            if have != self.repa.widths:  # one clear line instead of load_state_dict's table of sizes
+                raise ValueError(f"the checkpoint's REPA projector has widths {describe_widths(have)} but this one "
+                                 f"{describe_widths(self.repa.widths)}; build it with projector_dim={have[1]}")
             self.repa.projector.load_state_dict(state)
         elif state:
             raise ValueError("the checkpoint holds a REPA projector but repa is off; use repa=on to resume it")

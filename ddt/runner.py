@@ -36,6 +36,8 @@ from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, fd_dinov2, generate_samples, image_grid, read_samples, sample_labels,
                           sample_noise, write_grid, write_npz)
 from ddt.models import DDT, build_model, compile_model
+from ddt.models.repa import describe_widths, projector_widths
+from ddt.objective import Objective
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
 from ddt.train import SIGNATURE_DEFAULTS, Trainer, TrainConfig, model_signature
@@ -44,13 +46,22 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; anything else is passed to torch.device."""
+    """`auto` picks CUDA when present; anything else is passed to torch.device and must exist here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"device={name} but this machine has no CUDA GPU (torch {torch.__version__}, "
+                             f"CUDA build {torch.version.cuda or 'none'}); use device=cpu or device=auto")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"device={name} but this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1}); "
+                             f"pick one of those or device=auto")
+    return device
 
 
 def versions() -> dict:
@@ -153,6 +164,45 @@ def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
     return problems
 
 
+def training_start(plain: dict, run_dir: Path) -> Path | None:
+    """The checkpoint training starts from: checkpoints/last.pt when resuming, else ckpt= (None: scratch)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    return last if last.exists() else _ckpt(plain)
+
+
+def projector_problems(plain: dict, todo: list[str], run_dir: Path, objective: Objective | None) -> list[str]:
+    """A REPA projector that training would load (resume or ckpt=) but that does not fit the configured one."""
+    source = training_start(plain, run_dir) if "train" in todo else None
+    if source is None or objective is None or objective.repa is None:
+        return []
+    state = checkpoint.projector_state_dict(checkpoint.load(source, mmap=True))
+    if not state:  # fine-tuning (ckpt=) from a model trained without REPA starts a fresh projector
+        return [] if source != run_dir / "checkpoints" / "last.pt" else [
+            f"{source} was trained without REPA (it holds no projector) but repa is on; resume it with repa=off "
+            f"or use another run directory"]
+    have, want = projector_widths(state), objective.repa.widths
+    if have == want:
+        return []
+    fix = [f"set repa.projector_dim={have[1]} to load it"] if have[1:3] != want[1:3] else []
+    if have[3] != want[3]:
+        fix.append(f"use the repa.target_encoder of {have[3]}-d tokens it was trained with")
+    return [f"{source} holds a REPA projector of hidden width {have[1]} ({describe_widths(have)}) but "
+            f"repa.projector_dim={plain['repa']['projector_dim']} builds {describe_widths(want)}; {' and '.join(fix)} "
+            f"(or start from another checkpoint or run directory)"]
+
+
+def load_projector(objective: Objective | None, path: Path) -> None:
+    """Start the REPA projector from a checkpoint's (fine-tuning with ckpt=); widths checked up front."""
+    if objective is None or objective.repa is None:
+        return
+    state = checkpoint.projector_state_dict(checkpoint.load(path))
+    if not state:
+        log.info("%s holds no REPA projector (trained without REPA): the projector starts from scratch", path)
+        return
+    objective.load_trainable_state_dict(state)
+    log.info("REPA projector (%s) loaded from %s", describe_widths(objective.repa.widths), path)
+
+
 def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
                        latent_shape: tuple[int, ...]) -> dict:
     """The encoder recompute steps of `sampler.sharing`; a dp schedule is computed once and cached."""
@@ -214,11 +264,27 @@ def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
             == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
 
 
+def log_threads() -> None:
+    """Say how many threads torch computes with, and warn when the machine is busier than its cores."""
+    cores = os.cpu_count() or 1
+    log.info("torch uses %d threads on %d cores (OMP_NUM_THREADS=%s)", torch.get_num_threads(), cores,
+             os.environ.get("OMP_NUM_THREADS", "unset"))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cores:  # every thread then waits for a core: on a shared CPU one thread per job is far faster
+        log.warning("the machine's load (%.1f) is above its %d cores: other jobs compete for them; consider "
+                    "OMP_NUM_THREADS=1 (docs/running.md, Threads)", load, cores)
+
+
 def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run the configured stages in run_dir (one point of sweep_dir); returns results.json's contents."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = distributed.setup(resolve_device(str(cfg.device)))
+    try:
+        wanted = resolve_device(str(cfg.device))
+    except UsageError as err:  # recorded where the run's results would be, as every failure before work
+        Results(run_dir / "results.json", writer=process_rank()[0] == 0).update(status="failed", error=str(err))
+        raise
+    device = distributed.setup(wanted)
     try:
         results = _run(cfg, run_dir, sweep_dir, device)
         barrier()  # gloo aborts a rank whose peer leaves the group while it still talks to it
@@ -239,6 +305,8 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
         problems = weights_problems(plain, todo, run_dir)
         try:
             parts = prepare(plain, todo)
+            if not problems:  # the checkpoints are readable and fit the model: does their projector fit too?
+                problems += projector_problems(plain, todo, run_dir, parts.objective)
         except UsageError as err:
             problems += err.problems
         if problems:
@@ -246,6 +314,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
     except UsageError as err:  # the failure of a sweep point is recorded where its results would be
         results.update(status="failed", error=str(err))
         raise
+    log_threads()
     torch.manual_seed(plain["seed"])
     model = build_model(**model_kwargs(plain)).to(device)
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
@@ -293,6 +362,8 @@ def summary_line(results: dict) -> str:
     metrics = results.get("metrics")
     if metrics:
         parts.append(f"FID {metrics['fid']:.2f}  IS {metrics['isc_mean']:.2f}")
+        if "sfid" in metrics:
+            parts.append(f"sFID {metrics['sfid']:.2f}")
         if "fd_dinov2" in metrics:
             parts.append(f"FD-DINOv2 {metrics['fd_dinov2']:.2f}")
         if "precision" in metrics:
@@ -333,6 +404,7 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     if ckpt and not last.exists():
         load_weights(model, ckpt, ema=plain["ckpt_ema"])  # fine-tuning starts from these weights
         log.info("initialised from the EMA weights of %s", ckpt)
+        load_projector(parts.objective, ckpt)
     train_cfg = TrainConfig(**plain["train"], num_workers=plain["data"]["num_workers"])
     grids = plain["logger"].get("sample_every", 0)
     every = plain["eval"]["every_steps"] if parts.extractor is not None else 0
@@ -535,16 +607,46 @@ def record_point(results: Results, point: dict) -> None:
     results.update(curve=[points[s] for s in sorted(points)])
 
 
+def isc_protocol(plain: dict) -> str:
+    """Which splits made the Inception Score (eval.isc_protocol), recorded beside every number."""
+    return plain["eval"].get("isc_protocol", "adm")
+
+
+# Below these sample counts a metric is mostly noise: IS estimates each split's class marginal (samples per
+# class and split), KID averages over subsets, precision/recall estimate manifolds from k-NN radii.
+MIN_IS_PER_CLASS, MIN_KID_SUBSET, MIN_PRC_POINTS = 5, 100, 100
+
+
+def small_sample_warnings(plain: dict, num_samples: int) -> list[str]:
+    """One line per metric that `num_samples` images are too few to mean anything for."""
+    from ddt.adm_metrics import NHOOD_SIZE, SPLIT_SIZE
+
+    ev, out, more = plain["eval"], [], "raise eval.num_samples (eval.curve_num_samples for curve points)"
+    per_split = num_samples / 10 if isc_protocol(plain) == "torch_fidelity" else min(num_samples, SPLIT_SIZE)
+    least = MIN_IS_PER_CLASS * plain["data"]["num_classes"]
+    if per_split < least:
+        out.append(f"IS from {num_samples} samples is {per_split:g} per split (fewer than {least}, "
+                   f"{MIN_IS_PER_CLASS} per class): its value and spread mean little; {more}")
+    if ev.get("kid") and num_samples < MIN_KID_SUBSET:
+        out.append(f"KID subsets of {num_samples} samples (fewer than {MIN_KID_SUBSET}) give a noisy estimate; {more}")
+    if ev.get("prc") and num_samples < max(MIN_PRC_POINTS, NHOOD_SIZE + 1):
+        out.append(f"precision/recall from {num_samples} points with k={NHOOD_SIZE} neighbours (fewer than "
+                   f"{MIN_PRC_POINTS}) mean little; {more}")
+    return out
+
+
 def _metrics(plain: dict, parts: Parts, samples_dir: Path) -> dict[str, float]:
     ev = plain["eval"]
+    for warning in small_sample_warnings(plain, sum(1 for _ in samples_dir.glob("*.png"))):
+        log.warning("%s", warning)
     common = dict(cache_dir=plain["cache_dir"], reference_name=parts.reference_name,
                   batch_size=ev["feature_batch_size"], verbose=plain["progress"])
     metrics = calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
-                                weights_path=parts.extractor["weights"], prc=ev["prc"], kid=ev["kid"], **common)
-    if parts.dinov2:  # the reference's DINOv2 features are cached per weights' content, as Inception's per file
+                                weights_path=parts.extractor["weights"], prc=ev["prc"], kid=ev["kid"],
+                                isc_protocol=isc_protocol(plain), **common)
+    if parts.dinov2:  # the reference's features are cached by its content and the weights', as Inception's
         metrics["fd_dinov2"] = fd_dinov2(samples_dir, parts.reference, model=parts.dinov2["name"],
-                                         weights_path=parts.dinov2["weights"],
-                                         weights_tag=parts.dinov2["sha256"][:12], **common)
+                                         weights_path=parts.dinov2["weights"], **common)
     return metrics
 
 
@@ -564,7 +666,7 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
     if stats["rank"] != 0:
         return
     metrics = _metrics(plain, parts, point_dir / "samples")
-    point = {"step": step, **metrics, "num_samples": num_samples, "final": False,
+    point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": num_samples, "final": False,
              "settings": point_settings(plain, parts.extractor),
              "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
              "world_size": stats["world_size"]}
@@ -611,11 +713,13 @@ def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Part
     seconds = round(time.perf_counter() - start, 3)
     results.update(metrics=metrics, feature_extractor=parts.extractor,
                    evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,
+                             "isc_protocol": isc_protocol(plain),
                              "feature_extractor_sha256": parts.extractor.get("sha256"), "wall_time_s": seconds,
                              **({"fd_dinov2_extractor": parts.dinov2} if parts.dinov2 else {})})
     step = (results.data.get("sample") or {}).get("step")
     if step is not None:  # the final point of the curve (an official checkpoint has no step)
-        point = {"step": step, **metrics, "num_samples": ev["num_samples"], "final": True,
+        point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": ev["num_samples"],
+                 "final": True,
                  "settings": point_settings(plain, parts.extractor),
                  "wall_time_s": round(results.data["sample"]["wall_time_s"] + seconds, 3),
                  "sample_wall_time_s": results.data["sample"]["wall_time_s"],

@@ -149,6 +149,9 @@ class EvalSchema:
     reference_npz: Optional[str] = key("ADM reference batch; null = cache_dir/resolution.adm_reference", None)
     prc: bool = key("precision and recall", False)
     kid: bool = key("kernel inception distance (unbiased)", False)
+    isc_protocol: Literal["adm", "torch_fidelity"] = key(
+        "Inception Score splits: adm = consecutive 5000-sample splits (the ADM evaluator, the papers' IS), "
+        "torch_fidelity = 10 shuffled splits", "adm")
     feature_batch_size: int = key("images per feature-extraction batch", 250, ge=1)
     every_steps: int = key("curve points every N training steps (0 = only at the end)", 0, ge=0)
     curve_num_samples: Optional[int] = key("samples per intermediate curve point; null = num_samples", None, ge=1)
@@ -163,7 +166,9 @@ class RepaSchema:
     target_weights: Optional[str] = key("local model.safetensors; null = Hugging Face hub", None)
     target_kwargs: Optional[dict] = key("extra timm.create_model arguments", None)
     align_layer: Optional[int] = key("1-based block whose output is aligned", None, ge=1)
-    projector_dim: Optional[int] = key("hidden width of the 3-layer projector", None, ge=1)
+    projector_dim: Optional[int] = key("hidden width of the 3-layer projector (repa=on: model.hidden_size, as the "
+                                       "official DDT configs; REPA's SiT used 2048); null = model.hidden_size",
+                                       None, ge=1)
     weight: Optional[float] = key("weight of the regulariser's loss (REPA's 1 - cos, or the dispersive loss)",
                                   None, ge=0)
     dispersive: bool = key("dispersive loss on the model's own hidden states (repa=dispersive; not with enabled)",

@@ -54,7 +54,8 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-METRICS = ("fid", "isc_mean", "kid_mean", "precision", "recall", "fd_dinov2")  # fd_dinov2: eval.fd_dinov2
+# The ADM evaluator's five (FID, sFID, IS, precision, recall), then KID and FD-DINOv2 (eval.fd_dinov2)
+METRICS = ("fid", "sfid", "isc_mean", "precision", "recall", "kid_mean", "fd_dinov2")
 CURVE_METRICS = (*METRICS, "isc_std", "kid_std", "f_score", "num_samples")
 
 

@@ -115,7 +115,7 @@ def test_wandb_report_panels_use_the_logged_columns():
     grid = report.blocks[1]
     names = [type(p).__name__ for p in grid.panels]
     assert names == ["ScatterPlot", "ScatterPlot", "ParallelCoordinatesPlot", "LinePlot", "LinePlot", "LinePlot",
-                     "MediaBrowser"]
+                     "LinePlot", "MediaBrowser"]  # loss, FID, sFID and KID against the step
     assert grid.panels[0].x.name == "model.encoder_depth" and grid.panels[0].y.name == "fid"
 
 

@@ -12,6 +12,7 @@ from analysis import plots
 from analysis.report import main as report_main
 from analysis.results import aggregate, load_curves, load_runs, separated, wandb_curves
 from analysis.stats import separation_lines
+from ddt.config import config_id
 
 T_975_2 = 4.302652729911275  # scipy.stats.t.ppf(0.975, 2): three seeds
 T_975_1 = 12.706204736174707  # two seeds
@@ -102,7 +103,9 @@ def test_aggregate_of_a_curve_frame_gives_one_row_per_setting_and_step(sweep):
     assert row["fid_ci95"] == pytest.approx(T_975_2 * math.sqrt(13) / math.sqrt(3))
     assert row["precision_n"] == 0 and math.isnan(row["precision_mean"])  # split 8 had none before the end
     assert agg.iloc[2]["precision_n"] == 3 and agg.iloc[2]["seeds"] == [0, 1, 2]
-    assert agg["config_id"].tolist() == ["cfg000000008"] * 3 + ["cfg000000022"] * 3
+    # recomputed from each config on load (the recorded ids are an older rule's); the seeds still share one
+    ids = [config_id(results_json(depth, 0, sweep)["config"]) for depth in (8, 22)]
+    assert agg["config_id"].tolist() == [ids[0]] * 3 + [ids[1]] * 3 and ids[0] != ids[1]
 
 
 def test_load_curves_reads_every_point_with_the_flattened_config(sweep):
@@ -177,7 +180,7 @@ def test_report_cli_writes_a_self_contained_html_page(sweep, tmp_path, monkeypat
     monkeypatch.setattr(sys, "argv", ["analysis.report", str(sweep), "--out", str(out)])
     report_main()
     stdout = capsys.readouterr().out
-    assert "== encoder/decoder ratio ==" in stdout and "±" in stdout and "(n=3)" in stdout
+    assert "== encoder/decoder ratio at step 300, 500 samples per FID ==" in stdout and "±" in stdout and "(n=3)" in stdout
     assert "beyond their 95% intervals" in stdout and "22en6de is lower" in stdout
     assert "FID vs training step" in stdout
     page = (out / "report.html").read_text()
@@ -199,7 +202,7 @@ def test_report_prints_no_ratio_tables_for_a_single_encoder_depth(tmp_path, caps
             for sharing, speed, fid in (("none", 10.0, 100.0), ("uniform", 20.0, 110.0), ("dp", 20.0, 105.0))]
     paths = report(pd.DataFrame(rows), tmp_path)
     stdout = capsys.readouterr().out
-    assert "encoder/decoder ratio" not in stdout and "best split" not in stdout and "== sampling ==" in stdout
+    assert "encoder/decoder ratio" not in stdout and "best split" not in stdout and "== sampling (weights /ckpt/last.pt" in stdout
     assert set(paths) == {"sharing_speed", "report.html"}
 
 
@@ -248,7 +251,8 @@ def test_wandb_report_has_fid_and_kid_curves_grouped_by_encoder_depth():
 
     panels = build_report("me", "ddt-ablations", "g").blocks[1].panels
     by_title = {p.title: p for p in panels}
-    for title, metric in (("FID vs training step", "eval/fid"), ("KID vs training step", "eval/kid_mean")):
+    for title, metric in (("FID vs training step", "eval/fid"), ("sFID vs training step", "eval/sfid"),
+                          ("KID vs training step", "eval/kid_mean")):
         panel = by_title[title]
         assert type(panel).__name__ == "LinePlot" and panel.x == "eval/step" and panel.y == [metric]
         assert panel.groupby_aggfunc == "mean" and panel.groupby_rangefunc == "stderr"

@@ -107,7 +107,13 @@ def test_config_id_is_shared_by_seeds_and_nothing_else(compose):
     base = config_id(validate(compose()))
     assert config_id(validate(compose("seed=3"))) == base
     assert config_id(validate(compose("seed=1", "progress=false", "logger=wandb", "name=other"))) == base
-    for change in ("model.encoder_depth=8", "train.max_steps=400", "sampler.cfg_scale=1.0", "eval.num_samples=100"):
+    # how and where it ran: a resume's ckpt, the stages, the length (compared at a common step), cadences
+    how = ("stage=evaluate", "ckpt=x.pt", "device=cpu", "train.max_steps=60", "train.ckpt_every=7",
+           "train.log_every=3", "eval.every_steps=20", "eval.curve_num_samples=50", "eval.feature_batch_size=10",
+           "sampler.batch_size=7", "data.num_workers=2", "cache_dir=/elsewhere")
+    assert config_id(validate(compose(*how))) == base
+    for change in ("model.encoder_depth=8", "train.lr=1e-3", "sampler.cfg_scale=1.0", "sampler.num_steps=8",
+                   "eval.num_samples=100", "train.batch_size=32"):
         assert config_id(validate(compose(change))) != base, change
     assert len(base) == 12
 

@@ -72,6 +72,9 @@ CASES = [  # (command-line overrides, what stderr must name)
     (["eval=none", "eval.every_steps=100"], "eval=none computes no metrics"),
     (["stage=[train,finetune]"], "finetune"),
     (["device=gpu"], "device='gpu' is not a device"),
+    # CPU-only test machines: torch's traceback from model.to("cuda") used to be all a user saw
+    *([] if torch.cuda.is_available() else [(["device=cuda"], "device=cuda but this machine has no CUDA GPU"),
+                                            (["device=cuda:3"], "device=cuda:3 but this machine has no CUDA GPU")]),
     (["seed=-1"], "seed=-1 is out of range"),
     (["logger.backend=tensorboard"], "logger.backend='tensorboard' is not one of none, wandb"),
     (["data=imagenet"], "data=imagenet is latent-space"),
@@ -82,6 +85,7 @@ CASES = [  # (command-line overrides, what stderr must name)
     (["stage=evaluate", "ckpt={files}/missing.pt"], "missing.pt does not exist"),
     (["stage=evaluate"], "no weights to sample from: no ckpt= was given"),
     (["stage=evaluate", "ckpt={files}/corrupt.pt"], "corrupt.pt is not a readable checkpoint"),
+    (["stage=evaluate", "ckpt={files}/a_file"], "a_file is not a checkpoint (not a file torch.save wrote)"),
     (["stage=evaluate", "ckpt={files}/narrow.pt"], "model.hidden_size: checkpoint 32, config 64"),
     (["stage=evaluate", "ckpt={files}/wide_head.pt"], "model.decoder_hidden_size: checkpoint 128, config None"),
     (["model.decoder_hidden_size=100"], "model.decoder_hidden_size=100 / model.decoder_num_heads=4"),
@@ -169,3 +173,14 @@ def test_results_json_is_strict_json_without_nan(tmp_path):
         raise ValueError(f"{name} in results.json")
     results = json.loads((run_dir / "results.json").read_text(), parse_constant=no_constants)
     assert results["train"]["final_loss"] is None and results["train"]["final_loss_note"]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such_and_kept(tmp_path):
+    from ddt.checkpoint import load
+    from ddt.errors import UsageError
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# a user's file\n")
+    with pytest.raises(UsageError, match="README.md is not a checkpoint") as err:
+        load(readme)
+    assert "delete" not in str(err.value) and readme.exists()

@@ -1,4 +1,4 @@
-"""torch-fidelity metrics with the digits feature extractor, sample files and error messages."""
+"""The ADM evaluator's metrics with the digits feature extractor, sample files and error messages."""
 import numpy as np
 import pytest
 import torch
@@ -64,7 +64,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_against_noise_large(digits, cla
     same = calculate_metrics(images, images, **kwargs)
     noise = torch.randint(0, 256, images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     far = calculate_metrics(noise, images, **kwargs)
-    assert abs(same["fid"]) < 1e-3
+    assert abs(same["fid"]) < 1e-3 and abs(same["sfid"]) < 1e-3 and far["sfid"] > 1  # sFID: the 8×8×7 conv maps
     assert far["fid"] > 100 * max(same["fid"], 1e-2) and far["fid"] > 50
     assert same["isc_mean"] > 5 and far["isc_mean"] < same["isc_mean"]  # 10 balanced classes vs confusion
     assert same["precision"] > 0.9 and far["precision"] < 0.5 * same["precision"]
@@ -124,7 +124,7 @@ def test_fid_against_a_reference_npz_equals_fid_from_the_raw_features(digits, cl
     assert from_npz["fid"] == pytest.approx(from_images["fid"], rel=1e-4)
     assert from_npz["precision"] == pytest.approx(from_images["precision"])
     assert from_npz["isc_mean"] == pytest.approx(from_images["isc_mean"])
-    assert not list((cache_dir / "fidelity").glob("samples-*"))  # per-call sample features are removed
+    assert from_npz["sfid"] == pytest.approx(from_images["sfid"], rel=1e-6)  # no mu_s: from the npz's images
     np.savez(tmp_path / "bad.npz", mu=mu)
     with pytest.raises(ValueError, match="bad.npz has no \\['sigma'\\]"):
         calculate_metrics(samples, tmp_path / "bad.npz", reference_name="bad", **kwargs)

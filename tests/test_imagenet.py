@@ -53,7 +53,7 @@ def test_cache_then_repa_training_sampling_and_fid_against_the_reference_batch(i
     assert cached["shards_total"] == 3 and cached["shards_written"] == 3
 
     run_dir = tmp_path / "run"
-    launch(*base, *imagenet["repa"], f"hydra.run.dir={run_dir}")
+    launch(*base, *imagenet["repa"], "eval.every_steps=2", f"hydra.run.dir={run_dir}")  # + a curve point at step 2
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["train"]["step"] == 4
     assert results["train"]["final_repa_loss"] > 0 and results["train"]["final_fm_loss"] > 0
@@ -62,7 +62,14 @@ def test_cache_then_repa_training_sampling_and_fid_against_the_reference_batch(i
     assert np.load(run_dir / "samples" / "samples.npz")["arr_0"].shape == (12, 32, 32, 3)
     metrics = results["metrics"]
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and 0 <= metrics["precision"] <= 1
-    assert results["evaluate"]["reference"] == "VIRTUAL_toy32"
+    assert results["evaluate"]["reference"] == "VIRTUAL_toy32" and results["evaluate"]["isc_protocol"] == "adm"
+    adm_five = ("fid", "sfid", "isc_mean", "precision", "recall")  # the ADM evaluator's (sFID from the npz's images)
+    assert all(np.isfinite(metrics[k]) for k in adm_five) and metrics["sfid"] > 0 and metrics["isc_mean"] > 1
+    curve = results["curve"]
+    assert [p["step"] for p in curve] == [2, 4] and [p["final"] for p in curve] == [False, True]
+    for point in curve:
+        assert all(np.isfinite(point[k]) for k in adm_five) and point["isc_protocol"] == "adm"
+    print("toy ImageNet run, final metrics:", {k: round(metrics[k], 4) for k in adm_five})
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert set(state["objective"]) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
 

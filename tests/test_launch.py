@@ -1,6 +1,7 @@
 """`python launch.py` as a user runs it: the run directory, resume, sweeps and early failures."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -91,10 +92,15 @@ def test_evaluate_only_sweep_over_sharing_from_a_checkpoint(tmp_path, cache_dir)
 
 def test_multirun_over_encoder_depth(tmp_path, cache_dir):
     args = [a for a in SHORT if not a.startswith("train.max_steps")]
-    launch("-m", "model.encoder_depth=8,16,22", "train.max_steps=2", "eval.num_samples=20",
-           *[a for a in args if not a.startswith("eval.num_samples")], f"hydra.sweep.dir={tmp_path}")
+    proc = launch("-m", "model.encoder_depth=8,16,22", "train.max_steps=2", "eval.num_samples=20",
+                  *[a for a in args if not a.startswith("eval.num_samples")], f"hydra.sweep.dir={tmp_path}")
     dirs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert len(dirs) == 3
+    # the end of a sweep: one line per point (state, numbers, folder), then where the report command is
+    assert len(re.findall(r"^  completed +run .*FID ", proc.stderr, re.M)) == 3, proc.stderr[-2000:]
+    assert f"report: python -m analysis.report {tmp_path}" in proc.stderr
+    # 20 samples are too few for IS on 10 classes: the run says so where the metrics are computed
+    assert "IS from 20 samples is 2 per split" in proc.stderr
     seen = {}
     for d in dirs:
         results = json.loads((d / "results.json").read_text())
@@ -108,6 +114,14 @@ def test_bad_config_fails_before_any_work(tmp_path, cache_dir):
     proc = launch("model.encoder_depth=28", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0 and "model.encoder_depth=28" in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_bad_value_in_one_sweep_point_stops_the_sweep_before_any_point_trains(tmp_path, cache_dir):
+    proc = launch("-m", "model.encoder_depth=8,40", *SHORT, f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "sweep point model.encoder_depth=40" in proc.stderr and "model.depth=28" in proc.stderr
+    assert "no sweep point was started" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists()  # not even the valid point 8 started
 
 
 def test_missing_inception_weights_stop_before_training(tmp_path, cache_dir):

@@ -140,3 +140,19 @@ def test_library_knows_nothing_about_hydra():
     # omegaconf only where the composed config is read: the schema, its checks and the stage runner.
     assert {m for m in external_importers("omegaconf") if m.startswith("ddt")} <= {"ddt.config", "ddt.schema",
                                                                                    "ddt.runner"}
+
+
+def test_files_written_through_temp_and_rename_follow_the_umask(tmp_path):
+    import os
+
+    from ddt.checkpoint import atomic_write_json
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_json({"a": 1}, tmp_path / "results.json")
+        os.umask(0o077)
+        atomic_write_json({"a": 2}, tmp_path / "private.json")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o644  # as launch.log and .hydra/ are
+    assert (tmp_path / "private.json").stat().st_mode & 0o777 == 0o600

@@ -14,13 +14,15 @@ from benchmarks.random_weights import save_random_inception, save_tiny_vae  # no
 TINY_DINOV2 = dict(embed_dim=32, depth=2, num_heads=2)  # timm vit_*_patch14_dinov2 overrides
 
 
-def save_tiny_dinov2(path: Path) -> Path:
-    """A 2-block, width-32 ViT with DINOv2's architecture (timm), saved as a safetensors state dict."""
+def save_tiny_dinov2(path: Path, **architecture) -> Path:
+    """A 2-block, width-32 ViT with DINOv2's architecture (timm; `architecture` overrides TINY_DINOV2), saved as
+    a safetensors state dict."""
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518, **TINY_DINOV2)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=518,
+                              **{**TINY_DINOV2, **architecture})
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path

@@ -78,9 +78,21 @@ def weights_path(version: str) -> Path:
     return ASSETS / f"digits_classifier-{version}.pt"
 
 
+_HASHES: dict[tuple, str] = {}  # by (path, size, mtime): a 10 GB reference npz is read once per process
+
+
 def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """Hex SHA-256 of a file's bytes, read in blocks (remembered while its size and mtime stay the same)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
 
 
 def shipped_weights(version: str = SHIPPED_VERSION) -> tuple[Path, str]:

@@ -15,7 +15,7 @@ through it, and so does the dispersive loss (ddt.objective) for its block.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -81,17 +81,34 @@ def capture_blocks(model: nn.Module, layers: Iterable[int]) -> Iterator[dict[int
             handle.remove()
 
 
+def projector_widths(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int, int]:
+    """(input, hidden, hidden, output) widths of a 3-layer projector's state dict (keys 0/2/4.weight)."""
+    return (state["0.weight"].shape[1], state["0.weight"].shape[0], state["2.weight"].shape[0],
+            state["4.weight"].shape[0])
+
+
+def describe_widths(widths: tuple[int, ...]) -> str:
+    """`1152 -> 1152 -> 1152 -> 768`: a projector's widths as a log or error message writes them."""
+    return " -> ".join(str(w) for w in widths)
+
+
 class RepaLoss(nn.Module):
-    """Projector + alignment loss; `capture(model)` records the hidden tokens of block align_layer."""
+    """Projector + alignment loss; `capture(model)` records the hidden tokens of block align_layer.
+
+    The projector is Linear(hidden, width), SiLU, Linear(width, width), SiLU, Linear(width, target);
+    width = projector_dim, or the model's hidden_size when None (the official DDT configs'
+    `proj_hidden_dim: *hidden_dim`; REPA's own SiT used 2048).
+    """
 
     def __init__(self, target: TargetEncoder, *, hidden_size: int, align_layer: int,
-                 projector_dim: int = 2048, weight: float = 0.5):
+                 projector_dim: int | None = None, weight: float = 0.5):
         super().__init__()
         self.target, self.align_layer, self.weight = target, align_layer, weight
+        width = projector_dim or hidden_size
         self.projector = nn.Sequential(
-            nn.Linear(hidden_size, projector_dim), nn.SiLU(),
-            nn.Linear(projector_dim, projector_dim), nn.SiLU(),
-            nn.Linear(projector_dim, target.dim),
+            nn.Linear(hidden_size, width), nn.SiLU(),
+            nn.Linear(width, width), nn.SiLU(),
+            nn.Linear(width, target.dim),
         )
 
     @contextmanager
@@ -102,12 +119,20 @@ class RepaLoss(nn.Module):
 
     def forward(self, hidden: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Mean of 1 − cos(projector(hidden), target(images)) over tokens and images."""
-        target = self.target(images)
+        return self.alignment_loss(hidden, self.target(images))
+
+    def alignment_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean of 1 − cos(projector(hidden), target) for given target tokens (B, N, target width)."""
         if target.shape[1] != hidden.shape[1]:
             raise ValueError(f"REPA target has {target.shape[1]} tokens but the model has {hidden.shape[1]}; "
                              f"the image must be a multiple of the model's token grid")
         projected = self.projector(hidden)
         return (1 - F.cosine_similarity(projected.float(), target.float(), dim=-1)).mean()
+
+    @property
+    def widths(self) -> tuple[int, int, int, int]:
+        """(input, hidden, hidden, output) widths of the projector."""
+        return projector_widths(self.projector.state_dict())
 
     def projector_state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable state only (the frozen target encoder is never checkpointed)."""
