@@ -577,7 +577,6 @@ def inception_score(logits: np.ndarray, protocol: str) -> dict[str, float]:
     return {"isc_mean": mean, "isc_std": std}
 
 
-
 def kernel_inception_distance(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     """torch-fidelity's unbiased KID: its subset size (1000) but never more images than either side has."""
     from torch_fidelity.metric_kid import kid_features_to_metric

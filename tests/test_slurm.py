@@ -65,28 +65,34 @@ def sacct_states(job: str) -> list[str]:
 
 
 def test_sweep_with_a_failing_point_then_rerun(tmp_path, cache_dir, slurm):
-    """Two good points and a bad one: the good ones complete, the bad one records its error; a rerun
-    skips the completed points."""
+    """A sweep with a bad point is refused before anything is submitted; the good points complete, and
+    a rerun skips the completed points."""
     name = f"ddt-sweep-{uuid.uuid4().hex[:8]}"
-    args = ["model.encoder_depth=8,16,40", "train.max_steps=4", *TINY]
+    code, out = finish(sweep("model.encoder_depth=8,16,40", "train.max_steps=4", *TINY, sweep_dir=tmp_path,
+                             name=name), name)
+    assert code == 2 and "model.encoder_depth=40" in out, out[-3000:]
+    assert not list(tmp_path.glob(".submitit/*")) and not runs(tmp_path)  # no job, no point started
+    args = ["model.encoder_depth=8,16", "train.max_steps=4", *TINY]
     start = time.perf_counter()
     code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name), name)
     wall = time.perf_counter() - start
-    assert code != 0 and "model.encoder_depth=40" in out, out[-3000:]  # the sweep reports the failure
+    assert code == 0, out[-3000:]
     results = runs(tmp_path)
-    by_depth = {r["config"]["model"]["encoder_depth"] if "config" in r else 40: r for r in results.values()}
-    assert set(by_depth) == {8, 16, 40}
+    by_depth = {r["config"]["model"]["encoder_depth"]: r for r in results.values()}
+    assert set(by_depth) == {8, 16}
     for depth in (8, 16):
         r = by_depth[depth]
         assert r["status"] == "completed" and r["metrics"]["fid"] > 0 and r["train"]["step"] == 4
+        deadline = time.monotonic() + 60  # slurmdbd records the end a moment after the launcher returns
+        while "COMPLETED" not in sacct_states(r["slurm_job_id"]) and time.monotonic() < deadline:
+            time.sleep(1)
         assert r["slurm_job_id"] and "COMPLETED" in sacct_states(r["slurm_job_id"])
-    assert by_depth[40]["status"] == "failed" and "model.encoder_depth=40" in by_depth[40]["error"]
     assert len(list(tmp_path.glob(".submitit/*"))) == 1  # a fresh submitit folder per launch
-    print(f"3-point SLURM sweep wall time {wall:.1f} s")
+    print(f"2-point SLURM sweep wall time {wall:.1f} s")
 
     stamps = {d: (tmp_path / d / "results.json").stat().st_mtime_ns for d in results}
     code, out = finish(sweep(*args, sweep_dir=tmp_path, name=name), name)
-    assert code != 0, out[-3000:]  # the bad point fails again
+    assert code == 0, out[-3000:]
     again = runs(tmp_path)
     for d, r in again.items():
         if r.get("status") == "completed":
