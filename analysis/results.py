@@ -27,7 +27,7 @@ import pandas as pd
 
 from analysis.stats import aggregate, separated, sort_by_setting  # noqa: F401  (the loaders' companions)
 from ddt.config import config_id
-from ddt.tracking import METRICS, flatten, summary_row
+from ddt.tracking import METRICS, flatten, summary_row, unflatten
 
 log = logging.getLogger("analysis.results")
 
@@ -42,10 +42,15 @@ def run_row(results: dict) -> dict:
     return row
 
 
+# The groups a config must hold for its config_id to be recomputed (a partial W&B config keeps the logged one).
+CONFIG_GROUPS = ("model", "data", "train", "sampler", "eval")
+
+
 def identity(results: dict) -> str | None:
-    """The run's config_id under today's rule (recomputed from its config; the recorded one without a config)."""
-    config = results.get("config")
-    return config_id(config) if isinstance(config.get("model") if config else None, dict) else results.get("config_id")
+    """The run's config_id under today's rule (recomputed from its config; the recorded one without a full config)."""
+    config = results.get("config") or {}
+    whole = all(isinstance(config.get(group), dict) for group in CONFIG_GROUPS)
+    return config_id(config) if whole else results.get("config_id")
 
 
 def weights(results: dict) -> str:
@@ -93,7 +98,7 @@ def curve_rows(results: dict) -> list[dict]:
 def load_runs(*sweep_dirs: str | Path, completed_only: bool = True, quiet: bool = False) -> pd.DataFrame:
     """The runs (results.json files) under the given sweep or run folders, one per observation."""
     rows = []
-    for group, results, kept, _ in _observations(sweep_dirs, completed_only):
+    for group, results, kept, _ in _observations(list(_results(sweep_dirs, completed_only))):
         if kept is None:
             rows.append({**run_row(results), "group": group})
         elif not quiet:
@@ -102,18 +107,17 @@ def load_runs(*sweep_dirs: str | Path, completed_only: bool = True, quiet: bool 
 
 
 def load_curves(*sweep_dirs: str | Path, completed_only: bool = True, quiet: bool = False) -> pd.DataFrame:
-    """The curve points of the runs under the given sweep or run folders, one row per (observation, step)."""
-    found = _observations(sweep_dirs, completed_only)
-    taken: dict[tuple, set] = {}  # observation -> the steps its preferred runs gave
-    rows: dict[int, list[dict]] = {}
-    for i in sorted(range(len(found)), key=lambda i: found[i][2] is not None):  # preferred runs first
-        group, results, kept, key = found[i]
-        steps, every = taken.setdefault(key, set()), curve_rows(results)
-        rows[i] = [{**row, "group": group} for row in every if row["step"] not in steps]
-        if kept is not None and not quiet and len(rows[i]) < len(every):
-            log.warning("%s", duplicate_line(kept, results, "the second's points at the first's steps are left out"))
-        steps.update(row["step"] for row in rows[i])
-    return sort_by_setting(pd.DataFrame([row for i in sorted(rows) for row in rows[i]]))
+    """The curve points of the runs under the given sweep or run folders, one row per (observation, step).
+
+    An observation's curve is the curve of one run (its preferred one): runs of different lengths are
+    never joined into one line, even when they trained the same recipe and seed."""
+    rows = []
+    for group, results, kept, _ in _observations(list(_results(sweep_dirs, completed_only))):
+        if kept is None:
+            rows += [{**row, "group": group} for row in curve_rows(results)]
+        elif not quiet:
+            log.warning("%s", duplicate_line(kept, results, "the second's curve is left out"))
+    return sort_by_setting(pd.DataFrame(rows))
 
 
 def duplicate_line(kept: dict, dropped: dict, what: str) -> str:
@@ -124,25 +128,49 @@ def duplicate_line(kept: dict, dropped: dict, what: str) -> str:
             f"weights): counted once; {what}")
 
 
-def wandb_rows(runs: Iterable) -> pd.DataFrame:
-    """Rows of W&B runs (wandb.Api() runs, or analysis.wandb_offline.OfflineRun): config + summary."""
+def wandb_rows(runs: Iterable, quiet: bool = False) -> pd.DataFrame:
+    """Rows of W&B runs (wandb.Api() runs, or analysis.wandb_offline.OfflineRun): config + summary, one per
+    observation (config_id recomputed from the logged config, duplicates counted once as load_runs does)."""
     rows = []
-    for run in runs:
-        summary = dict(run.summary)
+    for run, results in _wandb_observations(runs, quiet):
         row = _wandb_setting(run)
-        row.update({k: v for k, v in summary.items() if not k.startswith("_") and "/" not in k})
-        row.update(_wandb_names(run))
+        row.update({k: v for k, v in dict(run.summary).items() if not k.startswith("_") and "/" not in k})
+        row.update(_wandb_names(run), config_id=identity(results))
         rows.append(row)
     return sort_by_setting(pd.DataFrame(rows))
 
 
-def wandb_curves(runs: Iterable) -> pd.DataFrame:
-    """Curve points of W&B runs from their history (`eval/step` -> step, `eval/<metric>` -> metric)."""
+def wandb_curves(runs: Iterable, quiet: bool = False) -> pd.DataFrame:
+    """Curve points of W&B runs from their history (`eval/step` -> step, `eval/<metric>` -> metric), one
+    run's curve per observation."""
     rows = []
-    for run in runs:
-        setting = {**_wandb_setting(run), "status": dict(run.summary).get("status"), **_wandb_names(run)}
+    for run, results in _wandb_observations(runs, quiet):
+        setting = {**_wandb_setting(run), "status": dict(run.summary).get("status"), **_wandb_names(run),
+                   "config_id": identity(results)}
         rows += [_curve_row(setting, point) for point in _eval_history(run)]
     return sort_by_setting(pd.DataFrame(rows))
+
+
+def _wandb_observations(runs: Iterable, quiet: bool) -> list[tuple]:
+    """(run, its results.json-like record) of the preferred W&B run of each observation; a line per duplicate."""
+    runs = list(runs)
+    found = [(run.group, _wandb_results(run, i)) for i, run in enumerate(runs)]
+    out = []
+    for run, (_, results, kept, _) in zip(runs, _observations(found)):
+        if kept is None:
+            out.append((run, results))
+        elif not quiet:
+            log.warning("%s", duplicate_line(kept, results, "the second is left out"))
+    return out
+
+
+def _wandb_results(run, order: int) -> dict:
+    """The parts of a results.json that identify a W&B run: its logged config nested again, status and step."""
+    setting, summary = _wandb_setting(run), dict(run.summary)
+    config = unflatten({k: v for k, v in setting.items() if k != "config_id"})
+    return {"config": config, "config_id": setting.get("config_id", summary.get("config_id")),
+            "status": summary.get("status"), "stages": config.get("stage"), "train": {"step": summary.get("step")},
+            "run_dir": run.name, "_mtime": summary.get("_timestamp", order)}
 
 
 def load_wandb(path: str, group: str | None = None, filters: dict | None = None,
@@ -218,10 +246,9 @@ def _results(sweep_dirs: Iterable[str | Path], completed_only: bool) -> Iterator
             yield sweep.name, {"run_dir": str(path.parent), **results, "_mtime": path.stat().st_mtime}
 
 
-def _observations(sweep_dirs: Iterable[str | Path], completed_only: bool) -> list[tuple[str, dict, dict | None, tuple]]:
-    """(sweep name, results, None or the preferred run of its observation), in folder order; the preferred
-    run of an observation has more steps, then trained its weights itself, then is the later results.json."""
-    found = list(_results(sweep_dirs, completed_only))
+def _observations(found: list[tuple[str, dict]]) -> list[tuple[str, dict, dict | None, tuple]]:
+    """(group, results, None or the preferred run of its observation) for each (group, results), in order;
+    the preferred run of an observation has more steps, then trained its weights itself, then is the later."""
     trained = {os.path.normpath(os.path.abspath(r["run_dir"])): r for _, r in found if weights(r).startswith("trained")}
     keys = [observation(r, trained) for _, r in found]
     preference = sorted(range(len(found)), key=lambda i: (-(summary_row(found[i][1])["step"] or 0),

@@ -54,6 +54,18 @@ def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"model.encoder_depth": 8} -> {"model": {"encoder_depth": 8}}: flatten's inverse (a logged W&B config)."""
+    out: dict = {}
+    for name, value in flat.items():
+        *groups, key = name.split(".")
+        node = out
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[key] = value
+    return out
+
+
 # The ADM evaluator's five (FID, sFID, IS, precision, recall), then KID and FD-DINOv2 (eval.fd_dinov2)
 METRICS = ("fid", "sfid", "isc_mean", "precision", "recall", "kid_mean", "fd_dinov2")
 CURVE_METRICS = (*METRICS, "isc_std", "kid_std", "f_score", "num_samples")

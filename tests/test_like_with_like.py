@@ -92,11 +92,13 @@ def test_the_report_compares_at_one_step_and_reports_each_study_alone(walkthroug
     report_main()
     out = capsys.readouterr().out
     assert "== studies in these folders" in out and "--query" in out
-    # the default recipe: 8, 16 and 22 at step 60 (the quickstart's own curve has no point there)
+    # the default recipe at step 60: 8 and 16; 22en6de is the quickstart's 500-step run (the sweep's 60-step
+    # repeat of it is a duplicate), whose curve has no point there: left out, by name, never its step 500
     assert "== encoder/decoder ratio at step 60, 500 samples per FID [train.lr=0.003] ==" in out
     assert "== best split at step 60, 500 samples per FID [train.lr=0.003] ==" in out
     best = out.split("== best split at step 60")[1].split("==")[1]
-    assert "22en6de" in best and "350.0 " in best  # the sweep's 22en6de, not the quickstart's step 500
+    assert "16en12de" in best and "380.0 " in best and "90.0" not in best
+    assert re.search(r"left out \(no fid at step 60.*quickstart/default\b", out), out
     assert "(n=2)" not in out and "n=2" not in out  # never an interval from a duplicate
     assert "== encoder/decoder ratio at step 500, 500 samples per FID [train.lr=0.01] ==" in out
     heading = re.search(r"== sampling \(weights .*default/checkpoints/last.pt, step 500.*==", out)
@@ -106,17 +108,18 @@ def test_the_report_compares_at_one_step_and_reports_each_study_alone(walkthroug
     assert "solver" in table.splitlines()[1]  # a column for the sampler setting that differs
 
 
-def test_a_curve_joins_only_the_points_of_one_recipe(walkthrough):
+def test_a_curve_is_the_curve_of_one_run(walkthrough):
     import matplotlib.pyplot as plt
 
     curves = load_curves(walkthrough, quiet=True)
+    assert "model.encoder_depth=22,train.max_steps=60" not in set(curves["run"])  # the duplicate's curve is not joined
     for _, study in curves.groupby("train.lr"):
         fig, ax = plt.subplots()
         plots.fid_vs_step_axes(ax, plots.ratio_rows(study))
         for line in ax.get_lines():
             points = set(zip(line.get_xdata().tolist(), line.get_ydata().tolist()))
-            owners = {cid for cid, s, f in study[["config_id", "step", "fid"]].itertuples(index=False) if (s, f) in points}
-            assert len(owners) == 1, line.get_label()  # never two recipes on one line
+            owners = {run for run, s, f in study[["run", "step", "fid"]].itertuples(index=False) if (s, f) in points}
+            assert len(owners) == 1, line.get_label()  # never two runs (of other lengths or recipes) on one line
         plt.close(fig)
 
 
@@ -168,3 +171,28 @@ def test_the_run_log_says_its_threads_and_warns_on_a_busy_machine(monkeypatch, c
         runner.log_threads()
     text = caplog.text
     assert re.search(r"torch uses \d+ threads on \d+ cores", text) and "OMP_NUM_THREADS=1" in text
+
+
+def test_the_wandb_loaders_recompute_config_id_and_count_a_duplicate_once(plain, caplog):
+    from analysis.results import wandb_curves, wandb_rows
+    from ddt.tracking import flatten
+
+    class Run:  # what analysis reads of a wandb.Api() run
+        def __init__(self, name, config, step, fid, recorded_id):
+            self.name, self.group, self.id = name, "quickstart-20261206", f"id-{name}"
+            self.config = {**flatten(config), "config_id": recorded_id}  # the tracker logs it flat
+            self.summary = {"status": "completed", "step": step, "fid": fid, "config_id": recorded_id}
+            self._history = pd.DataFrame({"eval/step": [step], "eval/fid": [fid]})
+
+        def history(self, keys=None, **_):
+            return self._history[[k for k in keys if k in self._history]]
+
+    runs = [Run("default", plain(), 500, 90.0, "old-rule-a"),
+            Run("model.encoder_depth=22,train.max_steps=60", plain("train.max_steps=60"), 60, 350.0, "old-rule-b"),
+            Run("seed=1,stage=evaluate", plain("seed=1", "stage=evaluate"), 500, 95.0, "old-rule-c")]
+    with caplog.at_level(logging.WARNING, logger="analysis.results"):
+        rows, curves = wandb_rows(runs), wandb_curves(runs, quiet=True)
+    assert sorted(rows["run"]) == ["default", "seed=1,stage=evaluate"]  # the 60-step repeat counts once
+    assert set(rows["config_id"]) == {config_id(plain())}  # recomputed: stage and max_steps no longer split them
+    assert sum("duplicate" in r.getMessage() and "default" in r.getMessage() for r in caplog.records) == 1
+    assert sorted(curves["run"].unique()) == ["default", "seed=1,stage=evaluate"] and 60 not in set(curves["step"])
