@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -73,12 +72,15 @@ def preflight(argv: list[str]) -> Path | None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         points = [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch] if args.multirun \
             else [args.overrides]
-        problems, sweep_dir = [], None
+        problems, sweep_dir, run_dirs = [], None, {}
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
             for overrides in points[:MAX_CHECKED_POINTS]:
                 cfg = compose("config", overrides=overrides, return_hydra_config=True)
-                check_output_dir(Path(cfg.hydra.sweep.dir if args.multirun else cfg.hydra.run.dir),
-                                 "hydra.sweep.dir" if args.multirun else "hydra.run.dir")
+                run_dir = Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir if args.multirun \
+                    else Path(cfg.hydra.run.dir)
+                check_output_dir(run_dir, "hydra.sweep.dir" if args.multirun else "hydra.run.dir")
+                problems += renamed_run_problems(run_dir, overrides)
+                run_dirs.setdefault(run_dir, []).append(overrides)
                 if args.multirun:  # a single run validates in the runner, where its results.json records it
                     sweep_dir = Path(cfg.hydra.sweep.dir)
                     problems += point_problems(cfg, overrides)
@@ -86,24 +88,22 @@ def preflight(argv: list[str]) -> Path | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(composition_problem(err))
+    problems += shared_folder_problems(run_dirs)
     if problems:  # no point starts while one of them is wrong
         fail("\n".join(dict.fromkeys(problems)) + f"\nlaunch.py: error: no sweep point was started "
                                                     f"({len(points)} points); fix the values above")
+    if sweep_dir is not None:
+        from ddt.ledger import record_sweep_points
+
+        record_sweep_points(sweep_dir, {d: o[0] for d, o in run_dirs.items()})
     return sweep_dir
 
 
-def sweep_summary(sweep_dir: Path, since: float) -> None:
-    """One line per point this launch ran (state, metrics, run folder), then the report command."""
-    import json
+def sweep_summary(sweep_dir: Path) -> None:
+    """The status of every point of the sweep (ddt.status's table), then the report command."""
+    from ddt.status import sweep_status, table
 
-    from ddt.runner import summary_line
-
-    paths = [p for p in sorted(sweep_dir.rglob("results.json")) if p.stat().st_mtime >= since]
-    print(f"sweep {sweep_dir}: {len(paths)} point(s)", file=sys.stderr)
-    for path in paths:
-        results = {"run_dir": str(path.parent), **json.loads(path.read_text())}
-        error = f" | {str(results['error']).splitlines()[0]}" if results.get("error") else ""
-        print(f"  {results.get('status', '?'):<11} {summary_line(results)}{error}", file=sys.stderr)
+    print(table(sweep_status(sweep_dir)), file=sys.stderr)
     print(f"report: python -m analysis.report {sweep_dir}", file=sys.stderr)
 
 
@@ -121,6 +121,26 @@ def point_problems(cfg: DictConfig, overrides: list[str]) -> list[str]:
         where = ",".join(o for o in overrides if not o.startswith("hydra.")) or "default"
         return [f"sweep point {where}: {problem}" for problem in err.problems]
     return []
+
+
+def renamed_run_problems(run_dir: Path, overrides: list[str]) -> list[str]:
+    """A run made under the earlier run-folder rule (which named train.max_steps, +cluster, ...): say what to rename."""
+    from ddt.config import old_run_subdir
+
+    old = run_dir.with_name(old_run_subdir(overrides))
+    if old == run_dir or run_dir.exists() or not (old / "results.json").exists():
+        return []
+    return [f"{old} was made under the earlier run-folder rule; the same experiment's folder is now {run_dir} "
+            f"(docs/running.md, What names a run): to continue it, mv '{old}' '{run_dir}'; to start afresh, "
+            f"move it out of {old.parent}"]
+
+
+def shared_folder_problems(run_dirs: dict[Path, list[list[str]]]) -> list[str]:
+    """Sweep points that would write one run folder (they differ only in keys that do not name a run)."""
+    return [f"sweep points {' and '.join(','.join(o) or 'default' for o in overrides[:2])} would share the run folder "
+            f"{run_dir}: they differ only in keys that do not define the experiment (docs/running.md, What names a "
+            f"run); run them one after the other, or give each its own name=" for run_dir, overrides in run_dirs.items()
+            if len(overrides) > 1]
 
 
 def check_output_dir(path: Path, key: str) -> None:
@@ -156,11 +176,12 @@ if __name__ == "__main__":
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's job handlers own SIGTERM inside a job
         signal.signal(signal.SIGTERM, _terminate)
     sweep = preflight(sys.argv[1:])
-    started = time.time() - 1  # file times can be coarser than the clock
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside a run (while Hydra composes or launches)
         sys.exit(130)
-    if sweep is not None and sweep.is_dir():
-        sweep_summary(sweep, started)
+    from hydra_plugins.ddt_detached_launcher.launcher import SUBMITTED
+
+    if sweep is not None and sweep.is_dir() and not SUBMITTED:  # a detached launch printed what it submitted
+        sweep_summary(sweep)
     sys.exit(max(exit_codes, default=0))

@@ -17,6 +17,8 @@ FID, and says which step; a run with no point there is left out with a line nami
 same config_id, seed and weights count once (analysis.results says which).
 
     python -m analysis.report runs/quickstart --query "`train.max_steps` == 60"
+
+The report ends with each folder's status table (ddt.status: state, step, ETA, SLURM jobs, device-hours).
 """
 from __future__ import annotations
 
@@ -99,11 +101,22 @@ def _study_curves(curves: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFra
     return plots.ratio_rows(curves_of(curves, runs))
 
 
-def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None) -> dict[str, Path]:
+def status_sections(sweep_dirs: list[Path]) -> list[Section]:
+    """Where each sweep stands (ddt.status's table: states, steps, ETA, SLURM jobs, device-hours)."""
+    from ddt.status import sweep_status, table
+
+    return [(f"sweep status (python -m ddt.status {d})", table(sweep_status(d)).splitlines()) for d in sweep_dirs]
+
+
+def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None,
+           sweep_dirs: list[Path] = ()) -> dict[str, Path]:
     """Print the tables, write every figure the runs support and report.html; returns the files' paths."""
     figures: dict[str, Path] = {}
     pd.set_option("display.width", 200)
+    status = status_sections(list(sweep_dirs))
     if df.empty:
+        for heading, lines in status:
+            print(f"== {heading} ==\n" + "\n".join(lines))
         print("no completed runs")
         return figures
     sections = study_sections(df, curves, out_dir, figures)
@@ -114,7 +127,7 @@ def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = 
         sections.append(("paper layout (ADM evaluator: FID, sFID, IS, precision, recall), published numbers "
                          "where a paper row matches", paper))
     sections = [(heading, content.rename(columns=UNITS) if isinstance(content, pd.DataFrame) else content)
-                for heading, content in sections]
+                for heading, content in sections + status]
     for heading, content in sections:
         print(f"== {heading} ==")
         print(content.to_string(index=False) if isinstance(content, pd.DataFrame) else "\n".join(content))
@@ -147,7 +160,8 @@ def main() -> None:
     if args.query:
         df = df.query(args.query)
         curves = curves_of(curves, df)
-    report(df, args.out or (args.sweep_dirs[0] / "analysis" if args.sweep_dirs else Path("analysis_out")), curves)
+    report(df, args.out or (args.sweep_dirs[0] / "analysis" if args.sweep_dirs else Path("analysis_out")), curves,
+           sweep_dirs=args.sweep_dirs)
 
 
 if __name__ == "__main__":

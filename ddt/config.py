@@ -59,9 +59,38 @@ def _depth(encoder_depth: int, decoder_depth: int) -> int:
     return int(encoder_depth) + int(decoder_depth)
 
 
-def run_subdir(override_dirname: str, max_length: int = 200) -> str:
-    """A flat folder name for a run from its overrides (`default` when there are none)."""
-    items = override_dirname.split(",") if override_dirname else []
+# The run folder rule, the same rule read the other way: a folder is named by the overrides that define the
+# experiment, the seed, and `ckpt` (the weights a sampling run uses); keys that only say how or where it ran
+# (HOW_IT_RAN_KEYS: `+cluster`, `hydra.launcher.*`, `train.max_steps`, `eval.every_steps`, ...) are left out,
+# so the same experiment always lands in the same folder: raising train.max_steps extends it in place.
+NAMED_THOUGH_HOW_IT_RAN = ("ckpt",)
+
+
+def names_run(key: str) -> bool:
+    """Whether an override of `key` is part of the run folder's name (see HOW_IT_RAN_KEYS)."""
+    key = key.lstrip("+~")
+    return key in NAMED_THOUGH_HOW_IT_RAN or not (how_it_ran(key) or key.startswith("hydra/"))
+
+
+def run_subdir(overrides, max_length: int = 200) -> str:
+    """A flat folder name for a run from its task overrides (a list, or Hydra's `a=1,b=2`; `default` when none
+    names it): the overrides that names_run, sorted as Hydra's override_dirname sorts them."""
+    items = list(overrides) if not isinstance(overrides, str) else overrides.split(",") if overrides else []
+    return _folder_name([str(i) for i in items if names_run(str(i).split("=", 1)[0])], max_length)
+
+
+# The keys the run folder rule before this one left out of names (conf/config.yaml's exclude_keys then).
+OLD_UNNAMED_KEYS = ("stage", "progress", "device", "name", "logger", "logger.mode", "cache_dir", "tags")
+
+
+def old_run_subdir(overrides, max_length: int = 200) -> str:
+    """The folder name the earlier rule gave a run (every override but OLD_UNNAMED_KEYS): to find runs made under it."""
+    keys = [(str(i), str(i).split("=", 1)[0]) for i in overrides]  # Hydra named runs by task overrides: no hydra.*
+    return _folder_name([i for i, k in keys if k not in OLD_UNNAMED_KEYS and not k.startswith("hydra")], max_length)
+
+
+def _folder_name(items: list[str], max_length: int) -> str:
+    items = sorted(items)
     if "sampler.sharing=none" in items:  # num_recompute means nothing without sharing: not in the name
         items = [i for i in items if not i.startswith("sampler.num_recompute=")]
     name = ",".join(items).replace("/", "_").replace("\\", "_") or "default"

@@ -9,7 +9,6 @@ rank 0 alone writes results.json, checkpoints and W&B.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import platform
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -27,7 +25,10 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import check_ckpt, comparable, config_id, digest, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import check_ckpt, comparable, config_id, model_kwargs, sampler_kwargs, stages, validate
+from ddt.curve import curve_cost, kept_steps, point_settings, record_point, set_aside_stale_points
+from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours
+from ddt.signals import checkpoint_on_preemption, stop_after_step_on_interrupt
 from ddt.errors import Interrupted, UsageError
 from ddt.data.latents import cache_latents
 from ddt.images import to_uint8
@@ -78,28 +79,6 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
-
-
-class Results:
-    """results.json of a run: read at start (a resumed run keeps earlier stages), rewritten atomically.
-
-    Every rank keeps the numbers; only the writer (rank 0) writes the file.
-    """
-
-    def __init__(self, path: Path, writer: bool = True):
-        self.path, self.writer = path, writer
-        self.data = json.loads(path.read_text()) if path.exists() else {}
-
-    def update(self, **items) -> None:
-        self.data.update(items)
-        if self.writer:
-            checkpoint.atomic_write_json(self.data, self.path)
-
-    def invalidate(self, *keys: str) -> None:
-        """Forget results that a newer stage made stale (e.g. metrics of an older checkpoint)."""
-        for key in keys:
-            self.data.pop(key, None)
-        self.update()
 
 
 def load_weights(model: DDT, path: Path, ema: bool = True) -> int | None:
@@ -282,7 +261,9 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = Non
     try:
         wanted = resolve_device(str(cfg.device))
     except UsageError as err:  # recorded where the run's results would be, as every failure before work
-        Results(run_dir / "results.json", writer=process_rank()[0] == 0).update(status="failed", error=str(err))
+        writer = process_rank()[0] == 0
+        Results(run_dir / "results.json", writer=writer).update(status="failed", error=str(err))
+        Ledger(run_dir, writer=writer).enter("failed", error=str(err))
         raise
     device = distributed.setup(wanted)
     try:
@@ -295,7 +276,7 @@ def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = Non
 
 def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: torch.device) -> dict:
     rank = process_rank()[0]
-    results = Results(run_dir / "results.json", writer=rank == 0)
+    results, ledger = Results(run_dir / "results.json", writer=rank == 0), Ledger(run_dir, writer=rank == 0)
     try:  # every setting and file is checked before any work; all problems are reported together
         plain, todo = validate(cfg), stages(cfg)
         if is_completed(results.data, plain, todo):
@@ -313,6 +294,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
             raise UsageError(problems)
     except UsageError as err:  # the failure of a sweep point is recorded where its results would be
         results.update(status="failed", error=str(err))
+        ledger.enter("failed", error=str(err))
         raise
     log_threads()
     torch.manual_seed(plain["seed"])
@@ -320,7 +302,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
                    config_id=config_id(plain),
                    versions=versions(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
-                   world_size=process_rank()[1],
+                   world_size=process_rank()[1], device=device_info(device),
                    model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
     logger = plain["logger"] if rank == 0 else {"backend": "none"}  # one W&B run per job
@@ -328,14 +310,16 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
                            sweep_dir=sweep_dir or run_dir.parent,
                            job_type="+".join(todo))
     try:
-        _run_stages(plain, todo, parts, model, device, run_dir, results, tracker)
+        _run_stages(plain, todo, parts, model, device, run_dir, results, ledger, tracker)
     except SystemExit:  # submitit requeued the job after a preemption signal; the requeued job resumes
         results.update(status="requeued")
+        ledger.enter("requeued")
         tracker.finish()
         raise
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: what was saved stays; the same command resumes
         interrupted = err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT)
         results.update(status="interrupted", error=None, interrupted=str(interrupted))
+        ledger.enter("interrupted", reason=str(interrupted))
         tracker.summary({"status": "interrupted"})
         tracker.finish()
         saved = run_dir / "checkpoints" / "last.pt"
@@ -344,10 +328,12 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
         raise interrupted from None
     except BaseException as err:
         results.update(status="failed", error=f"{type(err).__name__}: {err}")
+        ledger.enter("failed", error=results.data["error"])
         tracker.summary({"status": "failed", "error": results.data["error"]})
         tracker.finish()
         raise
     results.update(status="completed", error=None)
+    ledger.enter("completed")
     tracker.summary(summary_row(results.data))
     tracker.finish()
     log.info("%s", summary_line(results.data))
@@ -372,20 +358,37 @@ def summary_line(results: dict) -> str:
 
 
 def _run_stages(plain: dict, todo: list[str], parts: Parts, model: DDT, device: torch.device, run_dir: Path,
-                results: Results, tracker) -> None:
+                results: Results, ledger: Ledger, tracker) -> None:
     if parts.extractor is not None:
         set_aside_stale_points(results, point_settings(plain, parts.extractor))
     if "cache_latents" in todo:
+        ledger.enter(STAGE_STATE["cache_latents"], stage="cache_latents")
         _cache_latents(plain, parts, device, results)
-    step = _train(plain, model, run_dir, results, tracker, parts) if "train" in todo else None
+    if "train" in todo:
+        ledger.enter(STAGE_STATE["train"])
+    step = _train(plain, model, run_dir, results, ledger, tracker, parts) if "train" in todo else None
     if "curve" in todo:
+        ledger.enter(STAGE_STATE["curve"])
         _fill_curve(plain, run_dir, results, tracker, parts, kept_steps(run_dir), device)
     if "sample" in todo:
+        ledger.enter(STAGE_STATE["sample"])
         _sample(plain, todo, model, run_dir, results, parts, step, tracker)
     if "evaluate" in todo and parts.extractor is not None and process_rank()[0] == 0:
+        ledger.enter(STAGE_STATE["evaluate"])
         _evaluate(plain, run_dir, results, tracker, parts)
     if results.data.get("curve"):
         results.update(curve_cost=curve_cost(results.data))
+    results.update(device_hours=device_hours(results.data))
+
+
+def device_info(device: torch.device) -> dict:
+    """The devices a run holds: type, model name and count (one per process), for its device-hours."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
+    return {"type": device.type, "name": name or device.type, "count": process_rank()[1]}
 
 
 def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Results) -> None:
@@ -399,7 +402,7 @@ def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Res
                                   "latents_dir": str(data["latents_dir"])})
 
 
-def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, parts: Parts) -> int:
+def _train(plain: dict, model: DDT, run_dir: Path, results: Results, ledger: Ledger, tracker, parts: Parts) -> int:
     ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
     if ckpt and not last.exists():
         load_weights(model, ckpt, ema=plain["ckpt_ema"])  # fine-tuning starts from these weights
@@ -410,15 +413,22 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     every = plain["eval"]["every_steps"] if parts.extractor is not None else 0
 
     def curve_point(t: Trainer) -> None:  # the EMA weights in memory are those of step_N.pt
+        ledger.enter("curve", step=t.step)
         _curve_point(plain, t.ema, t.step, run_dir, results, tracker, parts, stop=lambda: t.interrupt is not None)
+        ledger.enter("training")
+
+    def log_step(metrics: dict, step: int) -> None:  # the ledger's progress is what ddt.status shows
+        tracker.log(metrics, step)
+        ledger.progress(step, train_cfg.max_steps)
 
     trainer = Trainer(model, parts.train_data, train_cfg, run_dir=run_dir, seed=plain["seed"],
-                      objective=parts.objective, log=tracker.log, progress=plain["progress"],
+                      objective=parts.objective, log=log_step, progress=plain["progress"],
                       on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None,
                       eval_every=every, on_eval=curve_point if every else None)
     if last.exists():
         trainer.load(last)
         log.info("resuming from %s at step %d", last, trainer.step)
+    ledger.progress(trainer.step, train_cfg.max_steps)
     if train_cfg.precision == "auto":  # machine- and width-dependent (ddt.train.autocast_dtype), kept on resume
         log.info("train.precision=auto: training in %s", "bf16 autocast" if trainer.autocast else "fp32")
     barrier()  # every rank knows where it starts before rank 0 may write last.pt again
@@ -434,68 +444,6 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, tracker, pa
     results.update(train=stats)
     model.load_state_dict(trainer.ema.state_dict())  # sample with the EMA weights
     return trainer.step
-
-
-def _preemption_signal() -> signal.Signals | None:
-    """The signal submitit's job handler requeues on (USR2 unless SUBMITIT_PREEMPT_SIGNAL says); None outside."""
-    if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return None
-    import submitit
-
-    return submitit.JobEnvironment._usr_sig()
-
-
-@contextlib.contextmanager
-def checkpoint_on_preemption(trainer: Trainer):
-    """In a submitit job, turn its preemption signal into: finish the step, save, then requeue.
-
-    submitit's own handler requeues at once, losing the steps since the last checkpoint; here the
-    trainer calls it after saving, so the requeued job resumes from the very step it was stopped at.
-    """
-    sig = _preemption_signal()
-    requeue = signal.getsignal(sig) if sig is not None else None
-    if not callable(requeue) or threading.current_thread() is not threading.main_thread():
-        yield  # not in a submitit job (or no handler of its to defer)
-        return
-
-    def defer(signum, frame):
-        log.warning("caught %s at step %d: saving a checkpoint after this step, then requeueing",
-                    signal.Signals(signum).name, trainer.step)
-        trainer.interrupt = lambda: requeue(signum, frame)
-
-    signal.signal(sig, defer)
-    try:
-        yield
-    finally:
-        signal.signal(sig, requeue)
-
-
-@contextlib.contextmanager
-def stop_after_step_on_interrupt(trainer: Trainer):
-    """Ctrl-C or SIGTERM during training: finish the step, save last.pt, then stop (Interrupted).
-
-    A second Ctrl-C stops at once. Inside a submitit job its own handlers stay in charge.
-    """
-    if os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def stop(signum, frame):
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-        def raise_interrupted():
-            raise Interrupted(signum, f"at step {trainer.step}")
-        trainer.interrupt = raise_interrupted
-
-    for sig in previous:
-        signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _log_grid(plain: dict, trainer: Trainer, tracker, parts: Parts) -> None:
@@ -571,41 +519,6 @@ def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Re
 #################################################################################
 #          Curves: the EMA weights evaluated every eval.every_steps steps       #
 #################################################################################
-
-def kept_steps(run_dir: Path) -> list[int]:
-    """The steps of the kept checkpoints (checkpoints/step_N.pt), ascending."""
-    names = (p.stem.removeprefix("step_") for p in (run_dir / "checkpoints").glob("step_*.pt"))
-    return sorted(int(n) for n in names if n.isdigit())
-
-
-def point_settings(plain: dict, extractor: dict) -> str:
-    """What a curve point's numbers depend on besides the weights: sampler, metrics, seed and extractor."""
-    plain = comparable(plain)
-    ev = {k: v for k, v in plain["eval"].items() if k != "every_steps"}
-    key = {"sampler": plain["sampler"], "eval": ev, "seed": plain["seed"], "extractor": extractor.get("sha256")}
-    return digest(key)
-
-
-def set_aside_stale_points(results: Results, settings: str) -> None:
-    """Move curve points made with other sampler/metric settings to `curve_stale` (kept, not mixed in)."""
-    curve = results.data.get("curve", [])
-    stale = [p for p in curve if p.get("settings") != settings]
-    if stale:
-        log.warning("%d curve point(s) were made with other sampler or eval settings; moved to curve_stale in "
-                    "results.json and recomputed where checkpoints allow", len(stale))
-        results.update(curve=[p for p in curve if p.get("settings") == settings],
-                       curve_stale=results.data.get("curve_stale", []) + stale)
-
-
-def record_point(results: Results, point: dict) -> None:
-    """Add a curve point keyed by step: never two points for one step; the final evaluation's point wins."""
-    points = {p["step"]: p for p in results.data.get("curve", [])}
-    if point["final"] or not points.get(point["step"], {}).get("final"):
-        points[point["step"]] = point
-    if point["final"]:  # an earlier final evaluation (before training went on) becomes an ordinary point
-        points = {s: {**p, "final": s == point["step"]} for s, p in points.items()}
-    results.update(curve=[points[s] for s in sorted(points)])
-
 
 def isc_protocol(plain: dict) -> str:
     """Which splits made the Inception Score (eval.isc_protocol), recorded beside every number."""
@@ -691,19 +604,6 @@ def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Pa
     for step in todo:
         load_weights(model, run_dir / "checkpoints" / f"step_{step}.pt", ema=True)
         _curve_point(plain, model, step, run_dir, results, tracker, parts)
-
-
-def curve_cost(results: dict) -> dict:
-    """Time spent on intermediate curve points and its share of the run (training + all evaluations)."""
-    points = results.get("curve", [])
-    curve_s = sum(p.get("wall_time_s", 0.0) for p in points if not p["final"])
-    train_s = (results.get("train") or {}).get("total_wall_time_s", 0.0)
-    final_s = ((results.get("sample") or {}).get("wall_time_s", 0.0)
-               + (results.get("evaluate") or {}).get("wall_time_s", 0.0))
-    total = curve_s + train_s + final_s
-    return {"intermediate_points": sum(not p["final"] for p in points), "wall_time_s": round(curve_s, 3),
-            "train_wall_time_s": train_s, "final_eval_wall_time_s": round(final_s, 3),
-            "run_wall_time_s": round(total, 3), "share": round(curve_s / total, 4) if total else None}
 
 
 def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts) -> None:

@@ -96,8 +96,11 @@ def test_multirun_over_encoder_depth(tmp_path, cache_dir):
                   *[a for a in args if not a.startswith("eval.num_samples")], f"hydra.sweep.dir={tmp_path}")
     dirs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert len(dirs) == 3
-    # the end of a sweep: one line per point (state, numbers, folder), then where the report command is
-    assert len(re.findall(r"^  completed +run .*FID ", proc.stderr, re.M)) == 3, proc.stderr[-2000:]
+    # the end of a sweep: ddt.status's table, one row per point (folder, state, step, metrics), then totals,
+    # device-hours and where the report command is
+    rows = re.findall(r"^(\S*model\.encoder_depth=\d+\S*) +completed +2/2 +(\d+\.\d+) ", proc.stderr, re.M)
+    assert len(rows) == 3 and "totals: 3 completed" in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"^device-hours: \d+\.\d+ spent, 0\.0000 to go", proc.stderr, re.M)
     assert f"report: python -m analysis.report {tmp_path}" in proc.stderr
     # 20 samples are too few for IS on 10 classes: the run says so where the metrics are computed
     assert "IS from 20 samples is 2 per split" in proc.stderr

@@ -106,6 +106,9 @@ def test_the_report_compares_at_one_step_and_reports_each_study_alone(walkthroug
     table = out.split(heading.group(0))[1].split("==")[0]
     assert re.search(r"^\s*heun\b.*\b85\.0", table, re.M) and re.search(r"^\s*euler\b.*\b95\.0", table, re.M)
     assert "solver" in table.splitlines()[1]  # a column for the sampler setting that differs
+    status = out.split(f"== sweep status (python -m ddt.status {walkthrough}) ==")[1]  # the same table as ddt.status
+    assert "totals: 8 completed" in status and "device-hours:" in status
+    assert "device-hours:" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_a_curve_is_the_curve_of_one_run(walkthrough):

@@ -1,0 +1,268 @@
+"""Where a sweep stands, from its run folders alone (and SLURM's accounting where there is one).
+
+    python -m ddt.status runs/ratio              # one row per point, then totals and device-hours
+    python -m ddt.status runs/ratio --watch 60   # refresh every 60 s until no point is pending or running
+    python -m ddt.status runs/ratio --json       # {"points": [...], "totals": {...}}
+
+Each point's state comes from its ledger (ddt.ledger, written by the run and by the launcher that
+submitted it): not_started, pending, training, curve, sampling, evaluating, completed, failed,
+interrupted or cancelled. A point whose ledger says it is running is checked against SLURM (sacct, else
+squeue) or, without SLURM, against its process on this host, so a job that vanished (scancel, node
+failure, time limit, OOM kill) shows as cancelled, failed or interrupted, not as running forever.
+Exit status: 0 every point completed, 3 some point pending or running, 1 otherwise (failed, cancelled,
+interrupted or not started, with none running).
+"""
+from __future__ import annotations
+
+import argparse
+import calendar
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ddt.ledger import LEDGER, RUNNING_STATES, SUBMISSIONS, SWEEP_POINTS, device_hours, read_json, read_point
+
+STATES = ("not_started", "pending", *RUNNING_STATES, "completed", "failed", "interrupted", "cancelled")
+ACTIVE = ("pending", *RUNNING_STATES)
+SHOWN_METRICS = ("fid", "sfid", "isc_mean", "precision", "recall")
+# SLURM job states (sacct/squeue) and what they mean for a point whose run has not said otherwise
+SLURM_WAITING = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "SUSPENDED", "RESV_DEL_HOLD")
+SLURM_RUNNING = ("RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING")
+
+
+def point_dirs(sweep_dir: Path) -> list[Path]:
+    """The run folders of a sweep: those it recorded as points, and every folder holding a run's files."""
+    sweep_dir = Path(sweep_dir)
+    if any((sweep_dir / name).exists() for name in ("results.json", LEDGER, SUBMISSIONS)):
+        return [sweep_dir]  # a run folder of its own
+    named = {sweep_dir / name for name in read_json(sweep_dir / SWEEP_POINTS).get("points", {})}
+    found = {p.parent for name in ("results.json", LEDGER, SUBMISSIONS) for p in sweep_dir.glob(f"*/{name}")}
+    return sorted(named | found)
+
+
+def slurm_states(job_ids: set[str]) -> dict[str, str] | None:
+    """{job id: SLURM state} of the given jobs (array tasks as JOB_TASK); None where SLURM cannot be asked."""
+    if not job_ids:
+        return {}
+    if shutil.which("sacct"):
+        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(job_ids))])
+        if out is not None:
+            return _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
+    if shutil.which("squeue"):  # no accounting: only jobs still queued or running are known
+        out = _run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))])
+        if out is not None:
+            return _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
+    return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _expand(states: dict[str, str]) -> dict[str, str]:
+    """`123_[0-2,5%4]` (array tasks not started yet) as 123_0, 123_1, 123_2, 123_5; `CANCELLED by 0` as CANCELLED."""
+    out = {}
+    for job, state in states.items():
+        state = state.split()[0] if state else "UNKNOWN"
+        ranged = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job)
+        if not ranged:
+            out[job] = state
+            continue
+        for part in ranged.group(2).split(","):
+            first, _, last = part.partition("-")
+            for task in range(int(first), int(last or first) + 1):
+                out[f"{ranged.group(1)}_{task}"] = state
+    return out
+
+
+def _alive(event: dict) -> bool | None:
+    """Whether the process that wrote a ledger event still runs (None when it ran on another host)."""
+    if event.get("host") != socket.gethostname() or not event.get("pid"):
+        return None
+    try:
+        os.kill(int(event["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _when(entry: dict) -> float:
+    """The Unix time of a ledger or submission entry."""
+    if "unix_time" in entry:
+        return float(entry["unix_time"])
+    return float(calendar.timegm(time.strptime(entry["time"], "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = None) -> dict:
+    """One point's row: state, progress, last metrics, wall time, ETA, SLURM jobs, error and log."""
+    now = time.time() if now is None else now
+    results, ledger, submissions = point["results"], point["ledger"], point["submissions"]
+    events = ledger.get("events", [])
+    last, submitted = (events[-1] if events else None), (submissions[-1] if submissions else None)
+    jobs = list(dict.fromkeys([*(s["slurm_job_id"] for s in submissions), *ledger.get("slurm_job_ids", [])]))
+    resubmitted = submitted is not None and (last is None or _when(submitted) > _when(last))
+    job = submitted["slurm_job_id"] if resubmitted else (last or {}).get("slurm_job_id") or (jobs[-1] if jobs else None)
+    slurm_state = (slurm or {}).get(job) if job else None
+    error = None
+    if resubmitted:
+        state = "pending"
+    elif last is not None:
+        state = "pending" if last["state"] == "requeued" else last["state"]
+        error = last.get("error")
+    else:
+        state = {"completed": "completed", "failed": "failed", "interrupted": "interrupted"}.get(
+            results.get("status"), "not_started")
+        error = results.get("error") if state == "failed" else None
+    if state in ACTIVE:  # believed only while its job or process is there
+        if slurm_state in SLURM_RUNNING:
+            state = "training" if state == "pending" else state
+        elif slurm_state in SLURM_WAITING:
+            state = "pending"
+        elif slurm_state and slurm_state.startswith("CANCELLED"):
+            state = "cancelled"
+        elif slurm_state and slurm_state != "COMPLETED":
+            state, error = "failed", f"SLURM job {job} ended {slurm_state} while {state} (no requeue): see its log"
+        elif slurm_state == "COMPLETED" or (job is None and last is not None and _alive(last) is False):
+            state, error = "interrupted", (f"the run stopped while {state} without recording why (process {last.get('pid')}"
+                                           f" on {last.get('host')} is gone, e.g. killed)")
+    elif state == "interrupted" and slurm_state and slurm_state.startswith("CANCELLED"):
+        state = "cancelled"  # scancel's SIGTERM: the run saved and stopped, SLURM says who
+    progress = ledger.get("progress", {})
+    train = results.get("train") or {}
+    max_steps = (progress.get("max_steps") or (results.get("config") or {}).get("train", {}).get("max_steps")
+                 or (submitted or {}).get("max_steps"))
+    step = progress.get("step", train.get("step"))
+    if state == "completed" and train.get("step") is not None:
+        step = train["step"]
+    rate = progress.get("steps_per_s")
+    if not rate and train.get("total_wall_time_s") and train.get("step"):
+        rate = train["step"] / train["total_wall_time_s"]
+    curve = results.get("curve") or []
+    metrics = {k: v for k, v in (curve[-1] if curve else results.get("metrics") or {}).items() if k in SHOWN_METRICS}
+    first = min([_when(e) for e in events[:1]] + [_when(s) for s in submissions[:1]], default=None)
+    end = now if state in ACTIVE else max([_when(e) for e in events[-1:]], default=first)
+    eta = (max_steps - step) / rate if state in ("training", "curve") and rate and max_steps and step is not None else None
+    log_path = (submitted or {}).get("log") or str(Path(point["run_dir"]) / "launch.log")
+    cost = results.get("device_hours") or (device_hours(results) if results.get("train") else {})
+    return {"run_dir": point["run_dir"], "state": state, "step": step, "max_steps": max_steps,
+            "steps_per_s": rate, "metrics": metrics, "metrics_step": (curve[-1]["step"] if curve else step) if metrics
+            else None, "wall_time_s": round(end - first, 1) if first else None,
+            "eta_s": round(eta, 1) if eta is not None else None, "slurm_job_ids": jobs, "slurm_state": slurm_state,
+            "host": (last or {}).get("host"), "error": error.splitlines()[0] if error else None,
+            "log": log_path if state in ("failed", "cancelled", "interrupted") else None,
+            "device_hours": cost.get("total", 0.0), "device": cost.get("device"), "devices": cost.get("count", 1),
+            "sample_eval_hours": sum(cost.get(k, 0.0) for k in ("sample", "evaluate"))}
+
+
+def sweep_status(sweep_dir: str | Path, now: float | None = None) -> dict:
+    """{"points": [...], "totals": {...}} of a sweep folder (what --json prints)."""
+    points = [read_point(d) for d in point_dirs(Path(sweep_dir))]
+    jobs = {j for p in points for j in [*(s["slurm_job_id"] for s in p["submissions"]),
+                                        *p["ledger"].get("slurm_job_ids", [])] if j}
+    slurm = slurm_states(jobs)
+    rows = [point_status(p, slurm, now) for p in points]
+    return {"sweep_dir": str(sweep_dir), "slurm": "sacct/squeue" if slurm is not None and jobs else "none",
+            "points": rows, "totals": totals(rows)}
+
+
+def totals(rows: list[dict]) -> dict:
+    """Points per state, device-hours spent and an estimate of those still to go (measured rates)."""
+    rates = [r["steps_per_s"] for r in rows if r["steps_per_s"]]
+    evals = [r["sample_eval_hours"] for r in rows if r["state"] == "completed" and r["sample_eval_hours"]]
+    typical_rate = statistics.median(rates) if rates else None
+    to_go, unknown = 0.0, 0
+    for r in rows:
+        if r["state"] == "completed":
+            continue
+        rate = r["steps_per_s"] or typical_rate
+        if rate and r["max_steps"] is not None:
+            to_go += (r["max_steps"] - (r["step"] or 0)) / rate * (r["devices"] or 1) / 3600
+            to_go += statistics.median(evals) if evals else 0.0
+        else:
+            unknown += 1
+    counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    devices = sorted({f"{r['device']} x{r['devices']}" for r in rows if r["device"]})
+    return {"points": len(rows), "states": {s: n for s, n in counts.items() if n},
+            "device_hours_spent": round(sum(r["device_hours"] or 0.0 for r in rows), 4),
+            "device_hours_to_go": round(to_go, 4), "points_without_estimate": unknown, "devices": devices}
+
+
+def exit_code(status: dict) -> int:
+    """0: every point completed; 3: some point pending or running; 1: otherwise."""
+    states = [r["state"] for r in status["points"]]
+    if any(s in ACTIVE for s in states):
+        return 3
+    return 0 if states and all(s == "completed" for s in states) else 1
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def table(status: dict) -> str:
+    """The status as text: one row per point, a line per failure (error and log), then the totals."""
+    header = ["run", "state", "step", "FID", "sFID", "IS", "prec", "rec", "wall", "ETA", "slurm job (state)"]
+    lines = []
+    for r in status["points"]:
+        m = r["metrics"]
+        fmt = lambda k, f: format(m[k], f) if m.get(k) is not None else "-"  # noqa: E731
+        step = f"{r['step'] if r['step'] is not None else '-'}/{r['max_steps'] if r['max_steps'] is not None else '?'}"
+        jobs = ",".join(r["slurm_job_ids"][-2:]) + (f" ({r['slurm_state']})" if r["slurm_state"] else "")
+        lines.append([Path(r["run_dir"]).name, r["state"], step, fmt("fid", ".2f"), fmt("sfid", ".2f"),
+                      fmt("isc_mean", ".2f"), fmt("precision", ".3f"), fmt("recall", ".3f"),
+                      _duration(r["wall_time_s"]), _duration(r["eta_s"]), jobs or "-"])
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    out = [f"sweep {status['sweep_dir']}: {len(lines)} point(s)"]
+    out += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *lines]]
+    for r in status["points"]:
+        if r["error"] or r["state"] in ("cancelled", "interrupted"):
+            out.append(f"  {r['state']} {Path(r['run_dir']).name}: {r['error'] or r['state']} | log: {r['log']}")
+    t = status["totals"]
+    out.append("totals: " + ", ".join(f"{n} {s}" for s, n in t["states"].items()))
+    unknown = f" (+{t['points_without_estimate']} point(s) without a measured rate)" if t["points_without_estimate"] else ""
+    out.append(f"device-hours: {t['device_hours_spent']:.4f} spent, {t['device_hours_to_go']:.4f} to go{unknown}"
+               f" [{', '.join(t['devices']) or 'no device recorded yet'}]")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: print the status of a sweep folder (once, or every --watch seconds)."""
+    parser = argparse.ArgumentParser(prog="python -m ddt.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep folder (runs/NAME) or one run folder")
+    parser.add_argument("--watch", type=float, metavar="N", help="refresh every N seconds while points run")
+    parser.add_argument("--json", action="store_true", help="print JSON: {points: [...], totals: {...}}")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"ddt.status: error: {args.sweep_dir} is not a folder; give a sweep folder such as runs/quickstart",
+              file=sys.stderr)
+        return 2
+    while True:
+        status = sweep_status(args.sweep_dir)
+        text = json.dumps(status, indent=2) if args.json else table(status)
+        if args.watch and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")
+        print(text, flush=True)
+        code = exit_code(status)
+        if not args.watch or code != 3:
+            return code
+        time.sleep(args.watch)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`hydra/launcher=submitit_slurm_detached`: submit a sweep to SLURM and return at once (see launcher.py)."""
