@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import check_ckpt, comparable, config_id, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import comparable, config_id, model_kwargs, sampler_kwargs, stages, validate
 from ddt.curve import curve_cost, kept_steps, point_settings, record_point, set_aside_stale_points
 from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours
 from ddt.signals import checkpoint_on_preemption, stop_after_step_on_interrupt
@@ -37,11 +37,10 @@ from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.evaluate import (calculate_metrics, fd_dinov2, generate_samples, image_grid, read_samples, sample_labels,
                           sample_noise, write_grid, write_npz)
 from ddt.models import DDT, build_model, compile_model
-from ddt.models.repa import describe_widths, projector_widths
-from ddt.objective import Objective
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
-from ddt.train import SIGNATURE_DEFAULTS, Trainer, TrainConfig, model_signature
+from ddt.train import Trainer, TrainConfig
+from ddt.weights import ckpt_path, load_projector, load_weights, projector_problems, weights_problems
 
 log = logging.getLogger(__name__)
 
@@ -79,107 +78,6 @@ def versions() -> dict:
     except (OSError, subprocess.SubprocessError):
         out["git_commit"] = None
     return out
-
-
-def load_weights(model: DDT, path: Path, ema: bool = True) -> int | None:
-    """Load the EMA (or raw) weights of a suite or an official (Lightning) checkpoint; returns its step."""
-    state = checkpoint.load(path)
-    problems = fit_problems(state, model, path)
-    if problems:
-        raise UsageError(problems)
-    if "ema" in state and "signature" in state:
-        model.load_state_dict(state["ema" if ema else "model"])
-        return int(state["step"])
-    model.load_state_dict(checkpoint.official_denoiser_state_dict(state, prefer_ema=ema))
-    return None
-
-
-def fit_problems(state: dict, model: DDT, path: Path) -> list[str]:
-    """Why a checkpoint's weights do not fit the configured model (empty when they do), naming the keys."""
-    if not isinstance(state, dict):
-        return [f"{path} is not a state dict or a Lightning checkpoint; point ckpt= at a suite or official checkpoint"]
-    if "ema" in state and "signature" in state:
-        current, saved = model_signature(model), {**SIGNATURE_DEFAULTS, **state["signature"]}
-        diff = [f"model.{k}: checkpoint {saved.get(k)}, config {v}" for k, v in current.items() if saved.get(k) != v]
-        return [f"{path} does not fit the configured model ({'; '.join(diff)}); set those keys or use "
-                f"another run directory"] if diff else []
-    weights = checkpoint.official_denoiser_state_dict(state)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes = [f"{k}: checkpoint {tuple(v.shape)}, config {expected[k]}" for k, v in weights.items()
-              if k in expected and tuple(v.shape) != expected[k]]
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if not (shapes or missing or unexpected):
-        return []
-    detail = "; ".join([*shapes[:3], *([f"{len(missing)} tensors missing, e.g. {missing[0]}"] if missing else []),
-                        *([f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else [])])
-    return [f"{path} does not fit the configured model ({len(shapes)} tensors differ in shape: {detail}); "
-            f"set the model.* keys it was trained with (e.g. model=ddt_xl model.encoder_depth=22)"]
-
-
-def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
-    """The checkpoints the stages will read: present, readable and fitting the configured model."""
-    problems = list(check_ckpt(plain))
-    if problems:
-        return problems
-    ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
-    sources = [last] if "train" in todo and last.exists() else []
-    if ckpt and ("train" not in todo or not last.exists()):
-        sources.append(ckpt)
-    if "sample" in todo and "train" not in todo and not ckpt:
-        if last.exists():
-            sources.append(last)
-        else:
-            problems.append(f"no weights to sample from: no ckpt= was given and {last} does not exist; pass "
-                            f"ckpt=PATH or add train to stage (stage=[train,sample,evaluate])")
-    if not sources:
-        return problems
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = build_model(**model_kwargs(plain))
-    for path in sources:
-        try:
-            problems += fit_problems(checkpoint.load(path, mmap=True), model, path)
-        except UsageError as err:
-            problems += err.problems
-    return problems
-
-
-def training_start(plain: dict, run_dir: Path) -> Path | None:
-    """The checkpoint training starts from: checkpoints/last.pt when resuming, else ckpt= (None: scratch)."""
-    last = run_dir / "checkpoints" / "last.pt"
-    return last if last.exists() else _ckpt(plain)
-
-
-def projector_problems(plain: dict, todo: list[str], run_dir: Path, objective: Objective | None) -> list[str]:
-    """A REPA projector that training would load (resume or ckpt=) but that does not fit the configured one."""
-    source = training_start(plain, run_dir) if "train" in todo else None
-    if source is None or objective is None or objective.repa is None:
-        return []
-    state = checkpoint.projector_state_dict(checkpoint.load(source, mmap=True))
-    if not state:  # fine-tuning (ckpt=) from a model trained without REPA starts a fresh projector
-        return [] if source != run_dir / "checkpoints" / "last.pt" else [
-            f"{source} was trained without REPA (it holds no projector) but repa is on; resume it with repa=off "
-            f"or use another run directory"]
-    have, want = projector_widths(state), objective.repa.widths
-    if have == want:
-        return []
-    fix = [f"set repa.projector_dim={have[1]} to load it"] if have[1:3] != want[1:3] else []
-    if have[3] != want[3]:
-        fix.append(f"use the repa.target_encoder of {have[3]}-d tokens it was trained with")
-    return [f"{source} holds a REPA projector of hidden width {have[1]} ({describe_widths(have)}) but "
-            f"repa.projector_dim={plain['repa']['projector_dim']} builds {describe_widths(want)}; {' and '.join(fix)} "
-            f"(or start from another checkpoint or run directory)"]
-
-
-def load_projector(objective: Objective | None, path: Path) -> None:
-    """Start the REPA projector from a checkpoint's (fine-tuning with ckpt=); widths checked up front."""
-    if objective is None or objective.repa is None:
-        return
-    state = checkpoint.projector_state_dict(checkpoint.load(path))
-    if not state:
-        log.info("%s holds no REPA projector (trained without REPA): the projector starts from scratch", path)
-        return
-    objective.load_trainable_state_dict(state)
-    log.info("REPA projector (%s) loaded from %s", describe_widths(objective.repa.widths), path)
 
 
 def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
@@ -403,7 +301,7 @@ def _cache_latents(plain: dict, parts: Parts, device: torch.device, results: Res
 
 
 def _train(plain: dict, model: DDT, run_dir: Path, results: Results, ledger: Ledger, tracker, parts: Parts) -> int:
-    ckpt, last = _ckpt(plain), run_dir / "checkpoints" / "last.pt"
+    ckpt, last = ckpt_path(plain), run_dir / "checkpoints" / "last.pt"
     if ckpt and not last.exists():
         load_weights(model, ckpt, ema=plain["ckpt_ema"])  # fine-tuning starts from these weights
         log.info("initialised from the EMA weights of %s", ckpt)
@@ -413,6 +311,7 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, ledger: Led
     every = plain["eval"]["every_steps"] if parts.extractor is not None else 0
 
     def curve_point(t: Trainer) -> None:  # the EMA weights in memory are those of step_N.pt
+        ledger.progress(t.step, train_cfg.max_steps)
         ledger.enter("curve", step=t.step)
         _curve_point(plain, t.ema, t.step, run_dir, results, tracker, parts, stop=lambda: t.interrupt is not None)
         ledger.enter("training")
@@ -463,10 +362,6 @@ def _log_grid(plain: dict, trainer: Trainer, tracker, parts: Parts) -> None:
                   caption=f"EMA weights, step {trainer.step}")
 
 
-def _ckpt(plain: dict) -> Path | None:
-    return Path(plain["ckpt"]).expanduser() if plain["ckpt"] else None
-
-
 def _write_samples(plain: dict, model: DDT, out_dir: Path, num_samples: int, weights: dict, parts: Parts,
                    stop=None) -> tuple[dict, dict]:
     """Sample num_samples images of `model` into out_dir/samples on every rank (image i on rank i mod
@@ -495,7 +390,7 @@ def _write_samples(plain: dict, model: DDT, out_dir: Path, num_samples: int, wei
 
 def _sample(plain: dict, todo: list[str], model: DDT, run_dir: Path, results: Results, parts: Parts,
             step: int | None, tracker) -> None:
-    ckpt, num_samples = _ckpt(plain), plain["eval"]["num_samples"]
+    ckpt, num_samples = ckpt_path(plain), plain["eval"]["num_samples"]
     if "train" not in todo:
         source = ckpt or run_dir / "checkpoints" / "last.pt"  # checked before any work (weights_problems)
         step = load_weights(model, source, ema=plain["ckpt_ema"])

@@ -142,8 +142,8 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
         state = "cancelled"  # scancel's SIGTERM: the run saved and stopped, SLURM says who
     progress = ledger.get("progress", {})
     train = results.get("train") or {}
-    max_steps = (progress.get("max_steps") or (results.get("config") or {}).get("train", {}).get("max_steps")
-                 or (submitted or {}).get("max_steps"))
+    max_steps = ((submitted or {}).get("max_steps") if resubmitted else None) or progress.get("max_steps") or (
+        (results.get("config") or {}).get("train", {}).get("max_steps") or (submitted or {}).get("max_steps"))
     step = progress.get("step", train.get("step"))
     if state == "completed" and train.get("step") is not None:
         step = train["step"]
@@ -157,13 +157,21 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
     eta = (max_steps - step) / rate if state in ("training", "curve") and rate and max_steps and step is not None else None
     log_path = (submitted or {}).get("log") or str(Path(point["run_dir"]) / "launch.log")
     cost = results.get("device_hours") or (device_hours(results) if results.get("train") else {})
+    devices = cost.get("count") or (results.get("device") or {}).get("count") or 1
+    spent = cost.get("total", 0.0)
+    first_running = len(events)  # this session's hours so far (results.json sums a session when it ends)
+    while first_running and events[first_running - 1]["state"] in RUNNING_STATES:
+        first_running -= 1
+    if state in RUNNING_STATES and first_running < len(events):
+        spent += max(now - _when(events[first_running]), 0.0) * devices / 3600
     return {"run_dir": point["run_dir"], "state": state, "step": step, "max_steps": max_steps,
             "steps_per_s": rate, "metrics": metrics, "metrics_step": (curve[-1]["step"] if curve else step) if metrics
             else None, "wall_time_s": round(end - first, 1) if first else None,
             "eta_s": round(eta, 1) if eta is not None else None, "slurm_job_ids": jobs, "slurm_state": slurm_state,
             "host": (last or {}).get("host"), "error": error.splitlines()[0] if error else None,
             "log": log_path if state in ("failed", "cancelled", "interrupted") else None,
-            "device_hours": cost.get("total", 0.0), "device": cost.get("device"), "devices": cost.get("count", 1),
+            "device_hours": round(spent, 6), "device": cost.get("device") or (results.get("device") or {}).get("name"),
+            "devices": devices,
             "sample_eval_hours": sum(cost.get(k, 0.0) for k in ("sample", "evaluate"))}
 
 
@@ -217,7 +225,7 @@ def _duration(seconds: float | None) -> str:
 
 def table(status: dict) -> str:
     """The status as text: one row per point, a line per failure (error and log), then the totals."""
-    header = ["run", "state", "step", "FID", "sFID", "IS", "prec", "rec", "wall", "ETA", "slurm job (state)"]
+    header = ["run", "state", "step", "FID", "sFID", "IS", "prec", "rec", "at step", "wall", "ETA", "slurm job (state)"]
     lines = []
     for r in status["points"]:
         m = r["metrics"]
@@ -226,7 +234,8 @@ def table(status: dict) -> str:
         jobs = ",".join(r["slurm_job_ids"][-2:]) + (f" ({r['slurm_state']})" if r["slurm_state"] else "")
         lines.append([Path(r["run_dir"]).name, r["state"], step, fmt("fid", ".2f"), fmt("sfid", ".2f"),
                       fmt("isc_mean", ".2f"), fmt("precision", ".3f"), fmt("recall", ".3f"),
-                      _duration(r["wall_time_s"]), _duration(r["eta_s"]), jobs or "-"])
+                      r["metrics_step"] if r["metrics_step"] is not None else "-", _duration(r["wall_time_s"]),
+                      _duration(r["eta_s"]), jobs or "-"])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     out = [f"sweep {status['sweep_dir']}: {len(lines)} point(s)"]
     out += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *lines]]

@@ -170,7 +170,7 @@ def test_evaluate_an_official_lightning_checkpoint(tmp_path, cache_dir):
     loaded = load(tmp_path / "official.ckpt")
     assert not UNPICKLED and loaded["global_step"] == 7
     assert "diffusion_trainer.proj.0.4.weight" in loaded["state_dict"]
-    from ddt.runner import load_weights
+    from ddt.weights import load_weights
     assert load_weights(model, tmp_path / "official.ckpt", ema=False) is None  # ckpt_ema=false: the raw weights
     assert all(torch.isnan(p).all() for p in model.parameters())
     launch(*SHORT, *tiny, "stage=[sample,evaluate]", f"ckpt={tmp_path / 'official.ckpt'}",
