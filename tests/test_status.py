@@ -74,6 +74,9 @@ def test_extending_a_completed_run_continues_it_in_its_folder_to_bit_equal_weigh
     assert (point["step"], point["max_steps"], point["slurm_job_ids"]) == (30, 30, [])
     assert point["metrics"]["fid"] == after["curve"][-1]["fid"] and status["totals"]["states"] == {"completed": 1}
     assert abs(status["totals"]["device_hours_spent"] - hours["total"]) < 1e-3
+    watch = subprocess.run([sys.executable, "-m", "ddt.status", str(tmp_path / "extended"), "--watch", "1"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)  # nothing runs: one table, then exit 0
+    assert watch.returncode == 0 and watch.stdout.count("totals: 1 completed") == 1
 
 
 def test_status_of_every_state_a_folder_can_show(tmp_path):
