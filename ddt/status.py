@@ -6,9 +6,11 @@
 
 Each point's state comes from its ledger (ddt.ledger, written by the run and by the launcher that
 submitted it): not_started, pending, training, curve, sampling, evaluating, completed, failed,
-interrupted or cancelled. A point whose ledger says it is running is checked against SLURM (sacct, else
-squeue) or, without SLURM, against its process on this host, so a job that vanished (scancel, node
-failure, time limit, OOM kill) shows as cancelled, failed or interrupted, not as running forever.
+interrupted or cancelled. Wall time counts from the first submission; `queued` is the part of it spent
+waiting (each submission or requeue up to the run's next state). A point whose ledger says it is
+running is checked against SLURM (sacct, else squeue) or, without SLURM, against its process on this
+host, so a job that vanished (scancel, node failure, time limit, OOM kill) shows as cancelled, failed
+or interrupted, not as running forever.
 Exit status: 0 every point completed, 3 some point pending or running, 1 otherwise (failed, cancelled,
 interrupted or not started, with none running).
 """
@@ -106,8 +108,29 @@ def _when(entry: dict) -> float:
     return float(calendar.timegm(time.strptime(entry["time"], "%Y-%m-%dT%H:%M:%SZ")))
 
 
+def queued_seconds(submissions: list[dict], events: list[dict], state: str, now: float) -> float | None:
+    """Seconds a point waited in the queue: from each submission or requeue to the run's next state.
+
+    None for a point never submitted to a scheduler (a local run starts at once). A submission that
+    never started counts up to now while the point is pending, and not at all once it is not (a
+    point cancelled while pending has no time it stopped waiting).
+    """
+    if not submissions and not any(e["state"] == "requeued" for e in events):
+        return None
+    marks = sorted([(_when(s), 0, "submitted") for s in submissions] + [(_when(e), 1, e["state"]) for e in events])
+    queued, waiting_since = 0.0, None
+    for when, _, what in marks:
+        if what in ("submitted", "requeued"):
+            waiting_since = when if waiting_since is None else waiting_since
+        elif waiting_since is not None:
+            queued, waiting_since = queued + max(when - waiting_since, 0.0), None
+    if waiting_since is not None and state == "pending":
+        queued += max(now - waiting_since, 0.0)
+    return queued
+
+
 def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = None) -> dict:
-    """One point's row: state, progress, last metrics, wall time, ETA, SLURM jobs, error and log."""
+    """One point's row: state, progress, last metrics, wall and queue time, ETA, SLURM jobs, error and log."""
     now = time.time() if now is None else now
     results, ledger, submissions = point["results"], point["ledger"], point["submissions"]
     events = ledger.get("events", [])
@@ -164,9 +187,11 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
         first_running -= 1
     if state in RUNNING_STATES and first_running < len(events):
         spent += max(now - _when(events[first_running]), 0.0) * devices / 3600
+    queued = queued_seconds(submissions, events, state, now)
     return {"run_dir": point["run_dir"], "state": state, "step": step, "max_steps": max_steps,
             "steps_per_s": rate, "metrics": metrics, "metrics_step": (curve[-1]["step"] if curve else step) if metrics
             else None, "wall_time_s": round(end - first, 1) if first else None,
+            "queued_s": None if queued is None else round(queued, 1),
             "eta_s": round(eta, 1) if eta is not None else None, "slurm_job_ids": jobs, "slurm_state": slurm_state,
             "host": (last or {}).get("host"), "error": error.splitlines()[0] if error else None,
             "log": log_path if state in ("failed", "cancelled", "interrupted") else None,
@@ -225,7 +250,8 @@ def _duration(seconds: float | None) -> str:
 
 def table(status: dict) -> str:
     """The status as text: one row per point, a line per failure (error and log), then the totals."""
-    header = ["run", "state", "step", "FID", "sFID", "IS", "prec", "rec", "at step", "wall", "ETA", "slurm job (state)"]
+    header = ["run", "state", "step", "FID", "sFID", "IS", "prec", "rec", "at step", "wall", "queued", "ETA",
+              "slurm job (state)"]
     lines = []
     for r in status["points"]:
         m = r["metrics"]
@@ -235,7 +261,7 @@ def table(status: dict) -> str:
         lines.append([Path(r["run_dir"]).name, r["state"], step, fmt("fid", ".2f"), fmt("sfid", ".2f"),
                       fmt("isc_mean", ".2f"), fmt("precision", ".3f"), fmt("recall", ".3f"),
                       r["metrics_step"] if r["metrics_step"] is not None else "-", _duration(r["wall_time_s"]),
-                      _duration(r["eta_s"]), jobs or "-"])
+                      _duration(r["queued_s"]), _duration(r["eta_s"]), jobs or "-"])
     widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
     out = [f"sweep {status['sweep_dir']}: {len(lines)} point(s)"]
     out += ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *lines]]

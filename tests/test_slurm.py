@@ -221,6 +221,7 @@ def test_detached_sweep_submit_and_walk_away(tmp_path, cache_dir, slurm):
             assert point["step"] == point["max_steps"] == 40 and point["metrics"]["fid"] > 0
         assert len(next(p for p in done["points"] if "encoder_depth=22" in p["run_dir"])["slurm_job_ids"]) == 2
         assert done["totals"]["device_hours_spent"] > 0 and done["totals"]["device_hours_to_go"] == 0
+        assert all(0 < p["queued_s"] < p["wall_time_s"] for p in done["points"]), done  # waits told apart
 
         _, failing = detached("ckpt=/nonexistent/last.pt", "train.max_steps=40", *TINY, sweep_dir=tmp_path, name=name)
         wait_for(lambda: "failed" in states(tmp_path).values())

@@ -147,3 +147,30 @@ def test_a_job_that_vanished_is_shown_as_what_slurm_says():
     assert point_status(point("completed"), {"12_0": "COMPLETED"})["state"] == "completed"
     assert _expand({"12_[0-2,5%4]": "PENDING", "13": "CANCELLED by 0"}) == {
         "12_0": "PENDING", "12_1": "PENDING", "12_2": "PENDING", "12_5": "PENDING", "13": "CANCELLED"}
+
+
+def test_queue_wait_is_told_apart_from_running_time():
+    """Wall time counts from the first submission; `queued` is the part spent waiting for SLURM to start it."""
+    from ddt.status import point_status, queued_seconds
+
+    def at(state, t, job="12_0"):
+        return {"state": state, "unix_time": t, "host": "node7", "pid": 1, "slurm_job_id": job}
+
+    submissions = [{"slurm_job_id": "12_0", "unix_time": 10.0}, {"slurm_job_id": "15_0", "unix_time": 500.0}]
+    events = [at("training", 70.0), at("requeued", 200.0), at("training", 230.0), at("completed", 400.0)]
+    # 60 s before the first start, 30 s after the preemption's requeue, and the extension still waiting
+    assert queued_seconds(submissions, events, "pending", now=520.0) == 60.0 + 30.0 + 20.0
+    assert queued_seconds(submissions, events[:2], "pending", now=210.0) == 60.0 + 10.0
+    assert queued_seconds(submissions[:1], events[:1], "cancelled", now=999.0) == 60.0
+    assert queued_seconds([], [at("training", 1.0), at("completed", 5.0)], "completed", now=9.0) is None  # local
+
+    point = {"run_dir": "/sweep/p", "results": {}, "ledger": {"events": events, "slurm_job_ids": ["12_0"]},
+             "submissions": submissions}
+    row = point_status(point, {"15_0": "PENDING"}, now=520.0)
+    assert (row["state"], row["wall_time_s"], row["queued_s"]) == ("pending", 510.0, 110.0)
+    text = table({"sweep_dir": "/sweep", "points": [row], "totals": {
+        "states": {"pending": 1}, "device_hours_spent": 0.0, "device_hours_to_go": 0.0,
+        "points_without_estimate": 1, "devices": []}})
+    header, line = text.splitlines()[1:3]
+    assert header.split()[-6:] == ["wall", "queued", "ETA", "slurm", "job", "(state)"]
+    assert line.split()[-5:] == ["8m30s", "1m50s", "-", "12_0,15_0", "(PENDING)"]  # no ETA before it trains
