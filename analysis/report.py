@@ -23,6 +23,7 @@ The report ends with each folder's status table (ddt.status: state, step, ETA, S
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,6 +33,7 @@ from analysis.html_page import Section, write_page
 from analysis.compare import RATIO_AXIS, Place, common_step, sampler_studies, studies
 from analysis.results import curves_of, load_curves, load_runs, load_wandb, load_wandb_curves
 from analysis.stats import aggregate, separated, separation_lines
+from ddt.status import folder_problem
 
 SEPARATION_METRICS = {"fid": "FID", "isc_mean": "IS"}
 # One KID convention everywhere: torch-fidelity's value, unscaled (README, docs/analysis.md say the same).
@@ -153,6 +155,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.sweep_dirs and not args.wandb:
         parser.error("give sweep folders or --wandb entity/project")
+    for problem in filter(None, map(folder_problem, args.sweep_dirs)):  # one line, as ddt.status says it
+        print(f"analysis.report: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if args.wandb:
         df, curves = load_wandb(args.wandb, group=args.group), load_wandb_curves(args.wandb, group=args.group)
     else:

@@ -276,6 +276,14 @@ def table(status: dict) -> str:
     return "\n".join(out)
 
 
+def folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be a sweep folder, in one line (None when it is a folder)."""
+    if Path(path).is_dir():
+        return None
+    what = "is a file, not a folder" if Path(path).exists() else "does not exist"
+    return f"{path} {what}; give a sweep or run folder such as runs/quickstart"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line: print the status of a sweep folder (once, or every --watch seconds)."""
     parser = argparse.ArgumentParser(prog="python -m ddt.status", description=__doc__.split("\n\n")[0])
@@ -283,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watch", type=float, metavar="N", help="refresh every N seconds while points run")
     parser.add_argument("--json", action="store_true", help="print JSON: {points: [...], totals: {...}}")
     args = parser.parse_args(argv)
-    if not args.sweep_dir.is_dir():
-        print(f"ddt.status: error: {args.sweep_dir} is not a folder; give a sweep folder such as runs/quickstart",
-              file=sys.stderr)
+    problem = folder_problem(args.sweep_dir)
+    if problem:
+        print(f"ddt.status: error: {problem}", file=sys.stderr)
         return 2
     while True:
         status = sweep_status(args.sweep_dir)

@@ -84,6 +84,18 @@ def test_report_cli_prints_the_tables_and_writes_the_figures(sweeps, tmp_path):
     assert "data:image/png;base64," in page and "±" in page and not re.search(r"(src|href)=\"https?:", page)
 
 
+def test_the_report_of_a_missing_folder_is_one_line_naming_it(tmp_path):
+    """As ddt.status says it: one line naming the folder, exit 2, no traceback (also for a file given as folder)."""
+    (tmp_path / "a_file").write_text("not a sweep")
+    for folder in (tmp_path / "nowhere", tmp_path / "a_file"):
+        for command in ("analysis.report", "ddt.status"):
+            proc = subprocess.run([sys.executable, "-m", command, str(folder)], cwd=ROOT, capture_output=True,
+                                  text=True)
+            assert proc.returncode == 2 and proc.stdout == "", (command, proc.stdout, proc.stderr)
+            (line,) = proc.stderr.splitlines()
+            assert line.startswith(f"{command}: error: {folder} ") and "runs/quickstart" in line, line
+
+
 def test_curves_of_the_seeded_sweep_aggregate_per_split_and_step_and_draw_bands(sweeps):
     import matplotlib.pyplot as plt
     from matplotlib.collections import PolyCollection
