@@ -100,6 +100,11 @@ class Ledger:
                                  **({"steps_per_s": rate} if rate else {})}
         self._write()
 
+    def checkpoint(self, step: int) -> None:
+        """Record the step of the checkpoints/last.pt just written: where a stopped run resumes (ddt.status shows it)."""
+        self.data["checkpoint"] = {"step": step, "path": "checkpoints/last.pt", "time": now(), "unix_time": time.time()}
+        self._write()
+
     def _write(self) -> None:
         if self.writer:
             atomic_write_json(self.data, self.path)

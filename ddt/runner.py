@@ -323,6 +323,7 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, ledger: Led
     trainer = Trainer(model, parts.train_data, train_cfg, run_dir=run_dir, seed=plain["seed"],
                       objective=parts.objective, log=log_step, progress=plain["progress"],
                       on_checkpoint=(lambda t: _log_grid(plain, t, tracker, parts)) if grids else None,
+                      on_save=lambda t: ledger.checkpoint(t.step),
                       eval_every=every, on_eval=curve_point if every else None)
     if last.exists():
         trainer.load(last)

@@ -168,8 +168,14 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
     max_steps = ((submitted or {}).get("max_steps") if resubmitted else None) or progress.get("max_steps") or (
         (results.get("config") or {}).get("train", {}).get("max_steps") or (submitted or {}).get("max_steps"))
     step = progress.get("step", train.get("step"))
+    saved = ledger.get("checkpoint")  # the newest last.pt: where a stopped run resumes
     if state == "completed" and train.get("step") is not None:
         step = train["step"]
+    elif state not in ACTIVE and saved:
+        step = saved["step"]
+    if state in ("interrupted", "cancelled"):
+        error = resume_line(error or (last or {}).get("reason") or results.get("interrupted") or state, saved,
+                            Path(point["run_dir"]))
     rate = progress.get("steps_per_s")
     if not rate and train.get("total_wall_time_s") and train.get("step"):
         rate = train["step"] / train["total_wall_time_s"]
@@ -198,6 +204,17 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
             "device_hours": round(spent, 6), "device": cost.get("device") or (results.get("device") or {}).get("name"),
             "devices": devices,
             "sample_eval_hours": sum(cost.get(k, 0.0) for k in ("sample", "evaluate"))}
+
+
+def resume_line(why: str, saved: dict | None, run_dir: Path) -> str:
+    """What stopped a run and the step its rerun resumes from (the checkpoint the ledger recorded)."""
+    if saved:
+        where = f"resumes from step {saved['step']} ({saved['path']})"
+    elif (run_dir / "checkpoints" / "last.pt").exists():  # written before the ledger recorded checkpoints
+        where = "resumes from checkpoints/last.pt"
+    else:
+        where = "no checkpoint was written: a rerun starts from step 0"
+    return f"{why}; {where}: run the same command again"
 
 
 def sweep_status(sweep_dir: str | Path, now: float | None = None) -> dict:

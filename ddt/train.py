@@ -125,9 +125,11 @@ class Trainer:
                  run_dir: str | Path, seed: int, objective: Objective | None = None,
                  log: Callable[[dict, int], None] = lambda m, s: None,
                  on_checkpoint: Callable[["Trainer"], None] | None = None, progress: bool = True,
+                 on_save: Callable[["Trainer"], None] | None = None,
                  eval_every: int = 0, on_eval: Callable[["Trainer"], None] | None = None):
         self.model, self.dataset, self.cfg = model, dataset, cfg
         self.on_checkpoint = on_checkpoint  # e.g. log a sample grid of the EMA weights (rank 0)
+        self.on_save = on_save  # after every write of last.pt, interrupts included (rank 0): e.g. record its step
         # Every eval_every steps before the last, on every rank, after step_N.pt is written: a curve point.
         self.eval_every, self.on_eval = eval_every, on_eval
         self.device = next(model.parameters()).device
@@ -192,6 +194,8 @@ class Trainer:
         checkpoint.atomic_save(state, last)
         if self.keeps(self.step):
             checkpoint.atomic_save(state, self.ckpt_dir / f"step_{self.step}.pt")
+        if self.on_save is not None:
+            self.on_save(self)
         return last
 
     def load(self, path: str | Path) -> None:

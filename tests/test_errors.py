@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from conftest import ROOT
+from ddt.ledger import read_json
+from ddt.status import sweep_status, table
 
 QUICK = ["train.max_steps=4", "train.batch_size=8", "train.ckpt_every=2", "eval.num_samples=20",
          "sampler.num_steps=2", "sampler.batch_size=20", "progress=false"]
@@ -135,17 +137,23 @@ def test_a_sweep_point_with_a_config_error_stops_the_sweep_before_any_point_trai
     assert not list(sweep.glob("*/results.json")) and not list(sweep.glob("*/checkpoints"))  # the good point waited
 
 
+def start_training(args: list[str], run_dir) -> subprocess.Popen:
+    """`python launch.py ARGS` in the background, returned once its training loop runs (on a busy machine too)."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and "progress" not in read_json(run_dir / "ledger.json") and proc.poll() is None:
+        time.sleep(0.1)  # the ledger's first progress is written as the training loop starts
+    time.sleep(2)  # a few steps in
+    return proc
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_run_saves_says_how_to_resume_and_resumes(tmp_path, signum, code):
     run_dir = tmp_path / "run"
     args = [*QUICK, "train.max_steps=400", "train.ckpt_every=1000", f"hydra.run.dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "results.json").exists():
-        time.sleep(0.1)
-    time.sleep(4)  # training is under way (no checkpoint yet: ckpt_every is beyond the run)
+    proc = start_training(args, run_dir)  # no checkpoint yet: ckpt_every is beyond the run
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
@@ -155,6 +163,10 @@ def test_an_interrupted_run_saves_says_how_to_resume_and_resumes(tmp_path, signu
     results = json.loads((run_dir / "results.json").read_text())
     step = int(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"])
     assert results["status"] == "interrupted" and f"at step {step}" in results["interrupted"] and 0 < step < 400
+    status = sweep_status(run_dir)  # the step of last.pt (not the last logged one) and what resumes it
+    assert [(r["state"], r["step"]) for r in status["points"]] == [("interrupted", step)]
+    assert (f"  interrupted run: {signal.Signals(signum).name} at step {step}; resumes from step {step} "
+            f"(checkpoints/last.pt): run the same command again | log: ") in table(status)
     resumed = run_launch(*args, "train.max_steps=" + str(step + 2))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = json.loads((run_dir / "results.json").read_text())

@@ -89,6 +89,8 @@ def test_status_of_every_state_a_folder_can_show(tmp_path):
     live._write()
     gone = Ledger(sweep / "gone")  # its process is gone without a word: not "training" forever
     gone.enter("training")
+    gone.progress(9, 100)
+    gone.checkpoint(5)  # last.pt holds step 5: where it resumes, what status shows
     gone.data["events"][-1]["pid"] = 2 ** 22 + 1
     gone._write()
     failed = Ledger(sweep / "failed")
@@ -100,6 +102,8 @@ def test_status_of_every_state_a_folder_can_show(tmp_path):
                                                        "failed": "failed", "later": "not_started"}
     assert rows["live"]["eta_s"] == 45.0 and rows["live"]["step"] == 10 and rows["live"]["max_steps"] == 100
     assert "process" in rows["gone"]["error"] and rows["gone"]["log"].endswith("launch.log")
+    assert rows["gone"]["step"] == 5 and rows["gone"]["error"].endswith(
+        "; resumes from step 5 (checkpoints/last.pt): run the same command again")
     assert rows["failed"]["error"] == "UsageError: eval.inception_weights=/x does not exist"
     assert exit_code(status) == 3 and status["totals"]["states"]["training"] == 1
     text = table(status)
