@@ -355,7 +355,7 @@ def measure_eval(p: dict, device: torch.device) -> dict:
     from torch_fidelity.utils import create_feature_extractor
 
     from benchmarks.random_weights import save_random_inception
-    from ddt.evaluate import calculate_metrics
+    from ddt.metrics import calculate_metrics
 
     g = torch.Generator().manual_seed(0)
     samples = torch.randint(0, 256, (p["num_samples"], 3, p["size"], p["size"]), generator=g, dtype=torch.uint8)

@@ -11,7 +11,7 @@ DDT papers report with). Each function follows its namesake there on precomputed
 - `manifold_radii`, `precision_recall`: `ManifoldEstimator` with k = 3 and `DistanceBlock`
   (squared pairwise distances in float16, recomputed in float32 where float16 overflows).
 
-Feature extraction and caching live in ddt.evaluate.
+Feature extraction and caching live in ddt.metrics.
 """
 from __future__ import annotations
 

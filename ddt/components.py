@@ -16,8 +16,8 @@ from ddt.data.digits import load_digits
 from ddt.data.imagenet import FolderImages, ImageFolder, ImageFolderBatches
 from ddt.data.latents import LatentDataset
 from ddt.data.pixels import ImageTensors
-from ddt.evaluate import (DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, check_reference_npz, dinov2_weights_path,
-                          inception_weights_path)
+from ddt.batches import check_reference_npz
+from ddt.extractors import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, dinov2_weights_path, inception_weights_path
 from ddt.checkpoint import load
 from ddt.errors import UsageError
 from ddt.models.digits_classifier import file_sha256, shipped_weights

@@ -249,7 +249,7 @@ def check_curve(plain: dict, todo: list[str]) -> Iterator[str]:
 
 def check_fd_dinov2(plain: dict) -> Iterator[str]:
     """FD-DINOv2 needs DINOv2 statistics of the reference, which an ADM reference batch does not have."""
-    from ddt.evaluate import NPZ_HAS_NO_DINOV2  # the message fd_dinov2() also raises
+    from ddt.metrics import NPZ_HAS_NO_DINOV2  # the message fd_dinov2() also raises
 
     ev = plain["eval"]
     if ev.get("fd_dinov2") and ev.get("reference") == "adm_npz" and plain["data"]["name"] != "digits":

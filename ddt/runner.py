@@ -34,8 +34,9 @@ from ddt.data.latents import cache_latents
 from ddt.images import to_uint8
 from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
-from ddt.evaluate import (calculate_metrics, fd_dinov2, generate_samples, image_grid, read_samples, sample_labels,
-                          sample_noise, write_grid, write_npz)
+from ddt.metrics import calculate_metrics, fd_dinov2
+from ddt.samples import (generate_samples, image_grid, read_samples, sample_labels, sample_noise, write_grid,
+                         write_npz)
 from ddt.models import DDT, build_model, compile_model
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row

@@ -240,7 +240,7 @@ def test_adams_config_defaults_to_order_2(compose):
 
 @pytest.mark.parametrize("solver,nfe", [("adams", 3), ("heun", 5)])
 def test_generate_samples_records_nfe_per_image(tmp_path, solver, nfe):
-    from ddt.evaluate import generate_samples
+    from ddt.samples import generate_samples
     from ddt.models import build_model
 
     torch.manual_seed(0)

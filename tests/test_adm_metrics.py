@@ -17,7 +17,8 @@ from scipy.spatial.distance import cdist
 from benchmarks.random_weights import smooth_images
 from conftest import ROOT
 from ddt import adm_metrics
-from ddt.evaluate import calculate_metrics, inception_score, write_npz
+from ddt.metrics import calculate_metrics, inception_score
+from ddt.samples import write_npz
 
 K = 3  # ADM's nhood_sizes=(3,)
 
@@ -310,7 +311,7 @@ def test_a_reference_npz_replaced_at_the_same_path_is_recomputed(tmp_path, caplo
     kwargs = dict(feature_extractor="digits-classifier", weights_path=shipped_weights()[0], cache_dir=tmp_path / "c",
                   reference_name="ref", verbose=False)
     samples = images[:300]
-    caplog.set_level(logging.INFO, logger="ddt.evaluate")
+    caplog.set_level(logging.INFO, logger="ddt.metrics")
     np.savez(path, arr_0=images[:600].permute(0, 2, 3, 1).numpy())
     first = calculate_metrics(samples, path, **kwargs)
     np.savez(path, arr_0=images[900:1500].permute(0, 2, 3, 1).numpy())  # other images, same path and name

@@ -5,7 +5,9 @@ import torch
 from PIL import Image
 
 from ddt.data.digits import load_digits
-from ddt.evaluate import calculate_metrics, inception_weights_path, read_samples, write_grid, write_npz
+from ddt.extractors import inception_weights_path
+from ddt.metrics import calculate_metrics
+from ddt.samples import read_samples, write_grid, write_npz
 from ddt.models import digits_classifier as shipped
 
 
@@ -134,7 +136,7 @@ def test_fid_against_a_reference_npz_equals_fid_from_the_raw_features(digits, cl
 
 def test_a_stop_request_ends_sampling_after_the_batch_and_the_rerun_writes_only_the_rest(tmp_path):
     """What a preemption signal during a curve point does: the images written so far stay, nothing is redone."""
-    from ddt.evaluate import generate_samples
+    from ddt.samples import generate_samples
     from ddt.models import build_model
 
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ import torch
 from ddt.config import validate
 from ddt.data.digits import load_digits
 from ddt.errors import UsageError
-from ddt.evaluate import build_dinov2, dinov2_weights_path, fd_dinov2
+from ddt.extractors import build_dinov2, dinov2_weights_path
+from ddt.metrics import fd_dinov2
 from ddt.runner import run
 from tiny import save_image_folder
 

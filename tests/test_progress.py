@@ -138,7 +138,7 @@ def test_torch_fidelity_bars_only_on_a_terminal(tty, stderr, monkeypatch, tmp_pa
     """FD-DINOv2 still goes through torch-fidelity, whose bars would garble a log."""
     import torch_fidelity
 
-    from ddt.evaluate import fd_dinov2
+    from ddt.metrics import fd_dinov2
 
     stderr(tty)
     seen = {}
