@@ -4,10 +4,12 @@ Table-driven over real command lines (subprocesses, no HYDRA_FULL_ERROR), plus i
 with one bad point and strict JSON.
 """
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -171,6 +173,72 @@ def test_an_interrupted_run_saves_says_how_to_resume_and_resumes(tmp_path, signu
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = json.loads((run_dir / "results.json").read_text())
     assert again["status"] == "completed" and again["train"]["resumed_from_step"] == step
+
+
+ANSWER = "stopping after this step; Ctrl-C again to stop now"
+
+
+def test_ctrl_c_is_answered_within_a_second_even_inside_one_long_torch_call(tmp_path, caplog):
+    """The answer comes from a thread the signal wakes; the main thread, held by one torch call (as by a slow
+    backward), stops after the step, or at once at a second Ctrl-C."""
+    from test_train import trainer
+
+    from ddt.errors import Interrupted
+    from ddt.signals import stop_after_step_on_interrupt
+
+    t = trainer(tmp_path, 4)
+    n = 1024
+    a = torch.randn(n, n)
+    a @ a  # warm-up
+    start = time.perf_counter()
+    a @ a
+    n = min(8000, int(n * (4.0 / (time.perf_counter() - start)) ** (1 / 3)))  # one product of about 4 s here
+    a = torch.randn(n, n)
+    sent = []
+    with caplog.at_level(logging.WARNING, logger="ddt.runner"), pytest.raises(Interrupted) as stopped:
+        with stop_after_step_on_interrupt(t):
+            threading.Timer(0.3, lambda: (sent.append(time.time()), os.kill(os.getpid(), signal.SIGINT))).start()
+            a @ a  # no Python bytecode runs in the main thread until it returns
+            returned = time.time()
+            (answer,) = [r for r in caplog.records if ANSWER in r.getMessage()]
+            assert answer.getMessage() == f"SIGINT at step 0: {ANSWER}"
+            assert returned - sent[0] > 1.0, "the product was too short to hold the main thread"
+            assert answer.created - sent[0] < 1.0 and answer.created < returned
+            assert t.interrupt is not None  # the first Ctrl-C: stop after this step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the second: ended at once by Interrupted
+    assert str(stopped.value) == "SIGINT again: stopped at once at step 0" and stopped.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's handler is back
+
+
+def test_a_second_ctrl_c_stops_a_run_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Two Ctrl-C in a step of several seconds, as a user would: the answer within a second, exit 130 before the
+    step ends, last.pt (written every step) the one before it, whole, and no temp file left."""
+    run_dir = tmp_path / "run"
+    args = [*QUICK, "train.max_steps=400", "train.batch_size=1024", "train.ckpt_every=1", f"hydra.run.dir={run_dir}"]
+    proc = start_training(args, run_dir)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stderr), daemon=True)
+    reader.start()
+    saved = read_json(run_dir / "ledger.json").get("checkpoint", {}).get("step")
+    deadline = time.time() + 300
+    while read_json(run_dir / "ledger.json").get("checkpoint", {}).get("step") == saved and time.time() < deadline:
+        time.sleep(0.01)  # a step has just ended: the next one has seconds to go
+    saved = read_json(run_dir / "ledger.json")["checkpoint"]["step"]
+    time.sleep(0.1)
+    first = time.time()
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    reader.join(timeout=10)
+    answers = [when for when, line in lines if ANSWER in line]
+    assert len(answers) == 1 and answers[0] - first < 1.0, "".join(line for _, line in lines)[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "interrupted" and results["interrupted"].startswith("SIGINT again: stopped at once")
+    assert int(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"]) == saved
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.pt"]
+    assert not any("Traceback" in line for _, line in lines)
 
 
 def test_results_json_is_strict_json_without_nan(tmp_path):
