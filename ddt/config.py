@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.errors import UsageError
-from ddt.schema import check_types
+from ddt.schema import RootSchema, check_types, later_keys
 
 STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
 
@@ -118,20 +119,14 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# Keys added after runs were recorded, with the value that computes what their absence computed: at
-# that value a key is left out of comparisons, so a new key neither redoes completed runs, nor sets
-# their curve points aside, nor changes their config_id.
-LATER_KEYS = {"sampler.order": None, "model.decoder_hidden_size": None, "model.decoder_num_heads": None,
-              "eval.fd_dinov2": False, "eval.dinov2_model": "dinov2-vit-l-14", "eval.dinov2_weights": None}
-
-
 def comparable(plain: dict) -> dict:
-    """The resolved config without the LATER_KEYS that hold their old-behaviour value (a copy)."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in plain.items()}
-    for dotted, value in LATER_KEYS.items():
-        group, key = dotted.split(".")
-        if isinstance(out.get(group), dict) and key in out[group] and out[group][key] == value:
-            del out[group][key]
+    """The resolved config without the keys added later (ddt.schema.later_keys) that hold their old-behaviour value (a copy)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in plain.items()}
+    for dotted, value in later_keys().items():
+        *group, name = dotted.split(".")
+        node = out.get(group[0]) if group else out
+        if isinstance(node, dict) and name in node and node[name] == value:
+            del node[name]
     return out
 
 
@@ -140,7 +135,7 @@ def experiment(plain: dict, without: tuple[str, ...] = ()) -> dict:
     def keep(key: str) -> bool:
         return not (how_it_ran(key) or key == SEED_KEY or any(key == w or key.startswith(f"{w}.") for w in without))
 
-    return {group: ({k: v for k, v in value.items() if keep(f"{group}.{k}")} if isinstance(value, dict) else value)
+    return {group: ({k: v for k, v in value.items() if keep(f"{group}.{k}")} if isinstance(value, Mapping) else value)
             for group, value in comparable(plain).items() if keep(group)}
 
 
@@ -162,8 +157,8 @@ def stages(cfg: DictConfig) -> list[str]:
     return [s for s in STAGES if s in names]
 
 
-def validate(cfg: DictConfig) -> dict:
-    """Check every key (the schema) and every rule across keys; returns the resolved plain config.
+def validate(cfg: DictConfig) -> RootSchema:
+    """Check every key (the schema) and every rule across keys; returns the typed config (ddt.schema's groups).
 
     All problems are raised together as one UsageError, one line each.
     """
@@ -182,7 +177,7 @@ def validate(cfg: DictConfig) -> dict:
     problems += [p for p in across if not any(f"{key}=" in p for key in failed)]
     if problems:
         raise UsageError(problems)
-    return plain
+    return RootSchema.from_plain(plain)
 
 
 def check_model(plain: dict) -> Iterator[str]:

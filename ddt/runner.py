@@ -29,6 +29,7 @@ from ddt.config import comparable, config_id, model_kwargs, sampler_kwargs, stag
 from ddt.curve import curve_cost, kept_steps, point_settings, record_point, set_aside_stale_points
 from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours
 from ddt.signals import checkpoint_on_preemption, stop_after_step_on_interrupt
+from ddt.threads import size_threads
 from ddt.errors import Interrupted, UsageError
 from ddt.data.latents import cache_latents
 from ddt.images import to_uint8
@@ -142,17 +143,6 @@ def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
             == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
 
 
-def log_threads() -> None:
-    """Say how many threads torch computes with, and warn when the machine is busier than its cores."""
-    cores = os.cpu_count() or 1
-    log.info("torch uses %d threads on %d cores (OMP_NUM_THREADS=%s)", torch.get_num_threads(), cores,
-             os.environ.get("OMP_NUM_THREADS", "unset"))
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > cores:  # every thread then waits for a core: on a shared CPU one thread per job is far faster
-        log.warning("the machine's load (%.1f) is above its %d cores: other jobs compete for them; consider "
-                    "OMP_NUM_THREADS=1 (docs/running.md, Threads)", load, cores)
-
-
 def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run the configured stages in run_dir (one point of sweep_dir); returns results.json's contents."""
     run_dir = Path(run_dir)
@@ -177,7 +167,8 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
     rank = process_rank()[0]
     results, ledger = Results(run_dir / "results.json", writer=rank == 0), Ledger(run_dir, writer=rank == 0)
     try:  # every setting and file is checked before any work; all problems are reported together
-        plain, todo = validate(cfg), stages(cfg)
+        run_cfg, todo = validate(cfg), stages(cfg)
+        plain = run_cfg.to_dict()  # what results.json records and the stages below still read by key
         if is_completed(results.data, plain, todo):
             log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
                      summary_line(results.data))
@@ -195,7 +186,7 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
         results.update(status="failed", error=str(err))
         ledger.enter("failed", error=str(err))
         raise
-    log_threads()
+    size_threads()
     torch.manual_seed(plain["seed"])
     model = build_model(**model_kwargs(plain)).to(device)
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,

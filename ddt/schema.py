@@ -16,6 +16,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -23,9 +24,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 MISSING = dataclasses.MISSING
 
 
-def key(help: str, default: Any = MISSING, **limits: float) -> Any:
-    """A schema field: its help text, default (none: required) and limits (ge, gt, le, lt)."""
-    kwargs = {"metadata": {"help": help, **limits}}
+def key(help: str, default: Any = MISSING, later: bool = False, **limits: float) -> Any:
+    """A schema field: its help text, default (none: required), limits (ge, gt, le, lt) and whether it came `later`.
+
+    A `later` key was added after runs were recorded; its default computes what its absence computed, so at
+    that value it is left out of comparisons (ddt.config.comparable): it neither redoes completed runs, nor
+    sets their curve points aside, nor changes their config_id.
+    """
+    kwargs = {"metadata": {"help": help, "later": later, **limits}}
     if isinstance(default, list):
         kwargs["default_factory"] = lambda: list(default)
     elif default is not MISSING:
@@ -33,8 +39,41 @@ def key(help: str, default: Any = MISSING, **limits: float) -> Any:
     return field(**kwargs)
 
 
-@dataclass
-class ModelSchema:
+class Group(Mapping):
+    """A config group as the code receives it: typed attributes (`cfg.model.depth`).
+
+    Reading a field by its name (`cfg["model"]["depth"]`) still works while the modules move to attributes.
+    """
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    @classmethod
+    def _names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict:
+        """The plain resolved config (a deep copy), as results.json records it and config_id hashes it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_plain(cls, plain: Mapping) -> "Group":
+        """The typed group of a resolved config that check_types passed (keys it does not know are left out)."""
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: hints[f.name].from_plain(plain[f.name]) if f.name in GROUPS and cls is RootSchema
+                      else plain[f.name] for f in dataclasses.fields(cls) if f.name in plain})
+
+
+@dataclass(eq=False)  # compared as mappings (Group), also with plain dicts
+class ModelSchema(Group):
     """The network (`model` group; `baseline` sets the block options)."""
 
     preset: str = key("name of the size preset (S, B, L, XL, quickstart; S-DH to XL-DH: with RAE's wide decoder head)")
@@ -49,8 +88,9 @@ class ModelSchema:
     num_classes: int = key("class labels (from data.num_classes); one more row is the null class", ge=1)
     repa_align_layer: int = key("the block REPA aligns for this size when repa=on (4 for S/B, 8 for L/XL)", ge=1)
     decoder_hidden_size: Optional[int] = key("width of the decoder blocks, their patch embedder and the final layer "
-                                             "(RAE's wide DDT head); null = hidden_size", None, ge=1)
-    decoder_num_heads: Optional[int] = key("attention heads of the decoder blocks; null = num_heads", None, ge=1)
+                                             "(RAE's wide DDT head); null = hidden_size", None, later=True, ge=1)
+    decoder_num_heads: Optional[int] = key("attention heads of the decoder blocks; null = num_heads", None, later=True,
+                                           ge=1)
     arch: Literal["ddt", "sit"] = key("ddt (decoupled) or sit (Improved-SiT: one stack, no self-condition)", "ddt")
     norm: Literal["rmsnorm", "layernorm"] = key("block normalisation", "rmsnorm")
     ffn: Literal["swiglu", "mlp"] = key("feed-forward: SwiGLU (2/3*4*D, no biases) or DiT's GELU MLP", "swiglu")
@@ -58,8 +98,8 @@ class ModelSchema:
     qk_norm: bool = key("RMSNorm on queries and keys", True)
 
 
-@dataclass
-class ResolutionSchema:
+@dataclass(eq=False)
+class ResolutionSchema(Group):
     """Image and latent size, and the codec between them (`resolution` group)."""
 
     image_size: int = key("image side in pixels", ge=1)
@@ -69,8 +109,8 @@ class ResolutionSchema:
     adm_reference: Optional[str] = key("file name of the ADM reference batch in cache_dir", None)
 
 
-@dataclass
-class DataSchema:
+@dataclass(eq=False)
+class DataSchema(Group):
     """The training data (`data` group)."""
 
     name: Literal["digits", "imagenet", "imagenet_latents"] = key("which dataset")
@@ -86,8 +126,8 @@ class DataSchema:
                                           None, ge=1)
 
 
-@dataclass
-class TrainSchema:
+@dataclass(eq=False)
+class TrainSchema(Group):
     """The optimisation (`train` group)."""
 
     max_steps: int = key("training steps (0: the untrained model)", ge=0)
@@ -108,8 +148,8 @@ class TrainSchema:
     activation_checkpointing: bool = key("recompute block activations in backward (memory for time)", False)
 
 
-@dataclass
-class SamplerSchema:
+@dataclass(eq=False)
+class SamplerSchema(Group):
     """The ODE/SDE sampler and encoder sharing (`sampler` group)."""
 
     solver: Literal["euler", "heun", "sde", "adams"] = key("solver")
@@ -126,11 +166,11 @@ class SamplerSchema:
     dp_template_size: int = key("images sampled without sharing to measure step similarities (dp)", 8, ge=1)
     sde_diffusion: Optional[float] = key("SDE diffusion w: w(t) = sde_diffusion * (1 - t) (solver=sde)", None, ge=0)
     order: Optional[int] = key("Adams-Bashforth order (solver=adams; null = 2; other solvers ignore it)", None,
-                               ge=1, le=4)
+                               later=True, ge=1, le=4)
 
 
-@dataclass
-class EvalSchema:
+@dataclass(eq=False)
+class EvalSchema(Group):
     """Sample counts and metrics (`eval` group)."""
 
     name: Literal["fid_digits", "fid_imagenet", "none"] = key("which evaluation")
@@ -140,11 +180,11 @@ class EvalSchema:
     digits_classifier: Optional[str] = key("shipped digits classifier version (ddt/assets)", None)
     inception_weights: Optional[str] = key("local Inception-v3 .pth; null = cache_dir, downloaded if missing", None)
     fd_dinov2: bool = key("also FD-DINOv2 (metrics.fd_dinov2): Frechet distance of DINOv2 CLS features, against "
-                          "the reference images (ImageNet: needs reference=dataset)", False)
+                          "the reference images (ImageNet: needs reference=dataset)", False, later=True)
     dinov2_model: Literal["dinov2-vit-s-14", "dinov2-vit-b-14", "dinov2-vit-l-14", "dinov2-vit-g-14"] = key(
-        "torch-fidelity DINOv2 extractor of fd_dinov2 (EDM2 and RAE report ViT-L/14)", "dinov2-vit-l-14")
+        "torch-fidelity DINOv2 extractor of fd_dinov2 (EDM2 and RAE report ViT-L/14)", "dinov2-vit-l-14", later=True)
     dinov2_weights: Optional[str] = key("local official dinov2_*_pretrain.pth of dinov2_model; null = cache_dir, "
-                                        "downloaded if missing", None)
+                                        "downloaded if missing", None, later=True)
     reference: Optional[Literal["dataset", "adm_npz"]] = key("statistics of the data's images or the ADM npz", None)
     reference_npz: Optional[str] = key("ADM reference batch; null = cache_dir/resolution.adm_reference", None)
     prc: bool = key("precision and recall", False)
@@ -157,8 +197,8 @@ class EvalSchema:
     curve_num_samples: Optional[int] = key("samples per intermediate curve point; null = num_samples", None, ge=1)
 
 
-@dataclass
-class RepaSchema:
+@dataclass(eq=False)
+class RepaSchema(Group):
     """Representation regulariser (`repa` group): `off`, REPA (`on`, DINOv2) or the dispersive loss (`dispersive`)."""
 
     enabled: bool = key("REPA on or off")
@@ -178,8 +218,8 @@ class RepaSchema:
                                None, ge=1)
 
 
-@dataclass
-class LoggerSchema:
+@dataclass(eq=False)
+class LoggerSchema(Group):
     """Experiment tracking (`logger` group)."""
 
     backend: Literal["none", "wandb"] = key("tracker")
@@ -192,8 +232,8 @@ class LoggerSchema:
     grid_size: int = key("images in the EMA sample grid", 16, ge=1)
 
 
-@dataclass
-class RootSchema:
+@dataclass(eq=False)
+class RootSchema(Group):
     """Top-level keys and the groups."""
 
     model: ModelSchema
@@ -219,6 +259,13 @@ class RootSchema:
 
 
 GROUPS = {name: tp for name, tp in typing.get_type_hints(RootSchema).items() if dataclasses.is_dataclass(tp)}
+
+
+def later_keys() -> dict[str, Any]:
+    """The dotted keys marked `later`, each with the default that computes what its absence computed."""
+    return {f"{prefix}.{f.name}" if prefix else f.name: f.default
+            for prefix, schema in [("", RootSchema), *GROUPS.items()]
+            for f in dataclasses.fields(schema) if f.metadata.get("later")}
 
 
 #################################################################################

@@ -30,6 +30,8 @@ from ddt.data.order import StepBatches
 from ddt.models import compile_model
 from ddt.objective import Objective
 from ddt.progress import progress as progress_bar
+from ddt.errors import UsageError
+from ddt.weights import fit_problems
 
 
 @dataclass
@@ -83,28 +85,6 @@ def autocast_dtype(precision: str, device: torch.device, hidden_size: int | None
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-# Block options of checkpoints written before they existed: DDT's (a decoder as wide as the encoder).
-SIGNATURE_DEFAULTS = {"arch": "ddt", "norm": "rmsnorm", "ffn": "swiglu", "pos": "rope", "qk_norm": True,
-                      "decoder_hidden_size": None, "decoder_num_heads": None}
-
-
-def model_signature(model: nn.Module) -> dict:
-    """The constructor arguments (for ddt.models.build_model) that a checkpoint must match."""
-    return {k: getattr(model, k, None) for k in
-            ("arch", "in_channels", "patch_size", "hidden_size", "num_heads", "depth", "encoder_depth",
-             "num_classes", "norm", "ffn", "pos", "qk_norm", "decoder_hidden_size", "decoder_num_heads")}
-
-
-def check_signature(saved: dict, model: nn.Module, path: Path) -> None:
-    """Fail naming every model.* key on which the checkpoint and the config disagree."""
-    current, saved = model_signature(model), {**SIGNATURE_DEFAULTS, **saved}
-    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-    if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} does not match the model config ({detail}); "
-                         f"override those keys or use another run directory")
 
 
 class _LossModule(nn.Module):
@@ -171,7 +151,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "generator": self.generator.get_state(), "signature": model_signature(self.model),
+                "generator": self.generator.get_state(), "signature": self.model.config,
                 "objective": self.objective.trainable_state_dict(), "train_seconds": self.train_seconds,
                 "resolved_precision": self.resolved_precision}
 
@@ -202,7 +182,9 @@ class Trainer:
         """Resume model, EMA, optimiser, RNG and step from a checkpoint written by `save`."""
         path = Path(path)
         state = checkpoint.load(path)
-        check_signature(state.get("signature", {}), self.model, path)
+        problems = fit_problems(state, self.model, path)
+        if problems:
+            raise UsageError(problems)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.objective.load_trainable_state_dict(state.get("objective", {}))

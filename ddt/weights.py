@@ -16,7 +16,6 @@ from ddt.errors import UsageError
 from ddt.models import DDT, build_model
 from ddt.models.repa import describe_widths, projector_widths
 from ddt.objective import Objective
-from ddt.train import SIGNATURE_DEFAULTS, model_signature
 
 log = logging.getLogger("ddt.runner")
 
@@ -39,8 +38,7 @@ def fit_problems(state: dict, model: DDT, path: Path) -> list[str]:
     if not isinstance(state, dict):
         return [f"{path} is not a state dict or a Lightning checkpoint; point ckpt= at a suite or official checkpoint"]
     if "ema" in state and "signature" in state:
-        current, saved = model_signature(model), {**SIGNATURE_DEFAULTS, **state["signature"]}
-        diff = [f"model.{k}: checkpoint {saved.get(k)}, config {v}" for k, v in current.items() if saved.get(k) != v]
+        diff = model.config_mismatch(state["signature"])
         return [f"{path} does not fit the configured model ({'; '.join(diff)}); set those keys or use "
                 f"another run directory"] if diff else []
     weights = checkpoint.official_denoiser_state_dict(state)

@@ -75,7 +75,7 @@ def test_checkpoint_round_trip_and_mismatch_message(tmp_path):
     state = torch.load(path, weights_only=True)
     assert state["step"] == 2 and set(state) >= {"model", "ema", "optimizer", "generator", "signature"}
     other = trainer(tmp_path / "other", 2, model=tiny_model(encoder_depth=3))
-    with pytest.raises(ValueError, match="model.encoder_depth: checkpoint 2 vs config 3"):
+    with pytest.raises(ValueError, match="model.encoder_depth: checkpoint 2, config 3"):
         other.load(path)
 
 

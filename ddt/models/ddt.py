@@ -27,6 +27,7 @@ Time convention: t = 0 is pure noise, t = 1 is data.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Mapping, NamedTuple
 
@@ -357,6 +358,20 @@ class _Transformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def config(self) -> dict:
+        """What rebuilds this network (`build_model(**config)`); checkpoints save it as their signature."""
+        return {"arch": self.arch, **{name: getattr(self, name, None) for name in _constructor_defaults()}}
+
+    def config_mismatch(self, saved: Mapping) -> list[str]:
+        """`model.KEY: checkpoint A, config B` for every key on which a saved config differs from this one.
+
+        A key the checkpoint lacks was added later: it takes the default that reproduces what such a
+        checkpoint was trained as (the constructor's; before `arch` existed every network was a DDT).
+        """
+        saved = {"arch": "ddt", **_constructor_defaults(), **saved}
+        return [f"model.{k}: checkpoint {saved.get(k)}, config {v}" for k, v in self.config.items() if saved.get(k) != v]
+
     def patch_embedders(self) -> list[PatchEmbed]:
         return [self.s_embedder, self.x_embedder] if self.decoupled else [self.x_embedder]
 
@@ -402,6 +417,12 @@ class _Transformer(nn.Module):
         (H, W), p, C = size, self.patch_size, self.in_channels
         out = out.reshape(out.shape[0], H // p, W // p, C, p, p).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(out.shape[0], C, H, W)
+
+
+def _constructor_defaults() -> dict:
+    """The network's constructor arguments (those of `_Transformer`), each with its default (None if required)."""
+    params = list(inspect.signature(_Transformer.__init__).parameters.values())[1:]  # not self
+    return {p.name: None if p.default is p.empty else p.default for p in params}
 
 
 class DDT(_Transformer):
