@@ -5,6 +5,7 @@
     python -m benchmarks.run --suite cpu --official PATH       # + the official DDT module side by side
     python -m benchmarks.run --suite official --official PATH  # only that comparison (training and sampling)
     python -m benchmarks.run --suite precision                 # bf16 autocast against fp32 training, by width
+    python -m benchmarks.run --suite threads                   # training beside a second 2-thread process
     python -m benchmarks.run --suite smoke                     # seconds: what the test suite runs
     python -m benchmarks.run --suite cpu --only sample         # re-run one kind of row, keep the others
 
@@ -126,17 +127,22 @@ def _objective(spec: dict):
     return Objective(scaling_factor=0.18215 if spec["in_channels"] == 4 else None)
 
 
-def measure_train(p: dict, device: torch.device) -> dict:
-    """Images/s, step time and peak memory of Trainer.train_step (forward, backward, fused AdamW, EMA)."""
+def _trainer(p: dict, device: torch.device):
+    """A Trainer of the row's model and a batch for it (Trainer.train_step(batch) is one training step)."""
     from ddt.train import Trainer, TrainConfig
 
-    model = _model(p["model"], device)
-    objective = _objective(p["model"])
     cfg = TrainConfig(max_steps=0, batch_size=p["batch_size"], precision=p["precision"], compile=p["compile"],
                       activation_checkpointing=p.get("activation_checkpointing", False))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, [], cfg, run_dir=tmp, seed=0, objective=objective, progress=False)
-    batch = _batch(p["model"], p["batch_size"], p["size"], device)
+        trainer = Trainer(_model(p["model"], device), [], cfg, run_dir=tmp, seed=0, objective=_objective(p["model"]),
+                          progress=False)
+    return trainer, _batch(p["model"], p["batch_size"], p["size"], device)
+
+
+def measure_train(p: dict, device: torch.device) -> dict:
+    """Images/s, step time and peak memory of Trainer.train_step (forward, backward, fused AdamW, EMA)."""
+    trainer, batch = _trainer(p, device)
+    model = trainer.model
     first = timed(lambda: trainer.train_step(batch), device, 1)[0]  # includes compilation
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -407,6 +413,60 @@ def measure_data(p: dict, device: torch.device) -> dict:
     return {"images_per_s": p["batches"] * p["batch_size"] / seconds, "latent_shape": list(dataset.latent_shape)}
 
 
+def _seconds_per_step(step, device: torch.device, seconds: float) -> float:
+    """Mean wall seconds of a training step over a window of about `seconds` (at least two steps)."""
+    sync(device)
+    start, steps = time.perf_counter(), 0
+    while steps < 2 or time.perf_counter() - start < seconds:
+        step()
+        steps += 1
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure_contention(p: dict, device: torch.device) -> dict:
+    """The training step rate with its threads sized as a run sizes them (ddt.threads), alone and with a second
+    process of p["neighbour_threads"] threads training the same model beside it, in alternating windows (the
+    neighbour paused with SIGSTOP while this one runs alone); the ratio beside / alone is taken in each round."""
+    import signal
+
+    from ddt.threads import size_threads
+
+    threads = size_threads()
+    trainer, batch = _trainer(p, device)
+    step = lambda: trainer.train_step(batch)  # noqa: E731
+    timed(step, device, 2)  # warm-up
+    env = {**os.environ, "OMP_NUM_THREADS": str(p["neighbour_threads"])}
+    neighbour = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--device", device.type, "--one",
+                                  json.dumps({**p, "kind": "neighbour"})], stdout=subprocess.PIPE, text=True,
+                                 cwd=Path(__file__).parent.parent, env=env)
+    times: dict[str, list[float]] = {"alone": [], "beside": []}
+    try:
+        if neighbour.stdout.readline().strip() != "training":
+            raise RuntimeError(f"the neighbour process did not start (exit {neighbour.wait()})")
+        for _ in range(p["rounds"]):
+            for name, sig in (("alone", signal.SIGSTOP), ("beside", signal.SIGCONT)):
+                neighbour.send_signal(sig)
+                times[name].append(_seconds_per_step(step, device, p["seconds"]))
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    return {"threads": threads, "neighbour_threads": p["neighbour_threads"], "cpus": len(os.sched_getaffinity(0)),
+            "alone_steps_per_s": 1 / statistics.median(times["alone"]),
+            "beside_steps_per_s": 1 / statistics.median(times["beside"]),
+            "ratio_rounds": round_ratios(times, "alone", "beside"), "load_average_1min": os.getloadavg()[0]}
+
+
+def measure_neighbour(p: dict, device: torch.device) -> dict:
+    """The second process of measure_contention: trains the row's model with its own threads until killed."""
+    torch.set_num_threads(p["neighbour_threads"])
+    trainer, batch = _trainer(p, device)
+    trainer.train_step(batch)
+    print("training", flush=True)
+    while True:
+        trainer.train_step(batch)
+
+
 def measure_peak(p: dict, device: torch.device) -> dict:
     """Matmul FLOP/s per dtype; size n per dtype (a CPU without bf16 instructions needs a small one)."""
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -415,7 +475,8 @@ def measure_peak(p: dict, device: torch.device) -> dict:
 
 MEASURE = {"train": measure_train, "precision": measure_precision, "official": measure_official,
            "official_sample": measure_official_sample, "sample": measure_sample,
-           "eval": measure_eval, "data": measure_data, "peak": measure_peak}
+           "eval": measure_eval, "data": measure_data, "peak": measure_peak, "contention": measure_contention,
+           "neighbour": measure_neighbour}
 
 
 #################################################################################
@@ -445,6 +506,12 @@ def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps:
     return rows
 
 
+def contention_row(name: str, spec: dict, batch_size: int, seconds: float, rounds: int) -> dict:
+    """A row of the training step rate beside a second process of 2 threads, against alone (16 px, fp32)."""
+    return dict(kind="contention", name=name, model=spec, size=16, batch_size=batch_size, precision="fp32",
+                compile=False, neighbour_threads=2, seconds=seconds, rounds=rounds)
+
+
 def official_rows(official: str, precision: str) -> list[dict]:
     """The two shapes of the official comparison, training (forward+backward) and sampling."""
     return [dict(kind="official", name="compute-bound: S/2, batch 8, 4x32x32", official=official, model=S, size=32,
@@ -465,13 +532,16 @@ def suite(name: str, official: str | None) -> list[dict]:
                       cfg_scale=2.0, precision="fp32", compile=False, repeats=1),
                  dict(kind="eval", num_samples=20, size=32, batch_size=10),
                  dict(kind="data", images=16, image_size=64, batch_size=8, batches=4, workers=0),
-                 dict(kind="precision", name="tiny", model=TINY, size=16, batch_size=8, compile=False, repeats=1)]
+                 dict(kind="precision", name="tiny", model=TINY, size=16, batch_size=8, compile=False, repeats=1),
+                 contention_row("tiny", TINY, 8, seconds=0.5, rounds=1)]
         if official:
             rows += [dict(kind="official", name="tiny", official=official, model=TINY, size=16, batch_size=4,
                           repeats=1, precision="fp32", peak_n=256),
                      dict(kind="official_sample", name="tiny", official=official, model=TINY, size=16, batch_size=4,
                           num_steps=4, every=2, cfg_scale=2.0, repeats=1, precision="fp32")]
         return rows
+    if name == "threads":  # the quickstart's step rate with a second 2-thread process beside it, against alone
+        return [dict(kind="peak", n={"fp32": 1024}), contention_row("quickstart", QUICKSTART, 64, seconds=10, rounds=5)]
     if name == "official":  # the official comparison alone (CPU): fp32, and bf16 where the CPU has bf16 units
         if not official:
             raise ValueError("--suite official needs --official PATH (the official decoupled_improved_dit.py)")
@@ -498,6 +568,7 @@ def suite(name: str, official: str | None) -> list[dict]:
                       every=4, cfg_scale=2.0, precision="fp32", compile=compiled, repeats=2) for compiled in (False, True)]
         rows.append(dict(kind="sample", name="10en2de (S width, 64 tokens)", model=S_10EN2DE, size=16, batch_size=8,
                          num_steps=[50], every=4, cfg_scale=2.0, precision="fp32", compile=False, repeats=2))
+        rows.append(contention_row("quickstart", QUICKSTART, 64, seconds=10, rounds=5))
         rows += [dict(kind="eval", num_samples=500, size=64, batch_size=50),
                  *[dict(kind="data", images=256, image_size=256, batch_size=64, batches=40, workers=w) for w in (0, 2)]]
         if official:
@@ -524,7 +595,7 @@ def suite(name: str, official: str | None) -> list[dict]:
                  dict(kind="train", name="DDT-XL/2 (activation checkpointing)", model=XL, size=32, batch_size=64,
                       precision="bf16", compile=False, steps=5, activation_checkpointing=True, peak_n=8192)]
         return rows
-    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, official, precision or gpu")
+    raise ValueError(f"--suite {name!r} is unknown; use smoke, cpu, threads, official, precision or gpu")
 
 
 def run_one(params: dict, device: str) -> dict:
@@ -666,6 +737,18 @@ def report(result: dict) -> str:
                          "FID+IS wall s (reference features cached)"],
                         [[f"{res['feature_images_per_s']:.1f}", f"{res['fid_seconds_cold']:.1f}",
                           f"{res['fid_seconds_cached_reference']:.1f}"]])
+    contention = [r for r in rows if r["kind"] == "contention"]
+    if contention:
+        body = [[r["name"], r["batch_size"], f"{r['result']['threads']} of {r['result']['cpus']}",
+                 r["result"]["neighbour_threads"], f"{r['result']['alone_steps_per_s']:.2f}",
+                 f"{r['result']['beside_steps_per_s']:.2f}", _rounds_cell(r["result"]["ratio_rounds"]),
+                 f"{r['result']['load_average_1min']:.1f}"] for r in contention]
+        lines += ["Training beside a second process (`Trainer.train_step`, threads sized by `ddt.threads`; the "
+                  "neighbour trains the same model with its own threads, paused by SIGSTOP in the windows alone; "
+                  "ratio = steps/s beside / alone within each round, median (min-max); a fair share of the "
+                  "cores is 0.5):", ""]
+        lines += _table(["model", "batch", "threads (of CPUs)", "neighbour threads", "alone steps/s",
+                         "beside steps/s", "ratio per round", "load average (1 min, after)"], body)
     data = [r for r in rows if r["kind"] == "data"]
     if data:
         consumers = [(r["name"], r["result"]["images_per_s"]) for r in train
@@ -682,7 +765,7 @@ def report(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "official", "precision", "gpu"])
+    parser.add_argument("--suite", default="cpu", choices=["smoke", "cpu", "threads", "official", "precision", "gpu"])
     parser.add_argument("--official", help="path of the official decoupled_improved_dit.py to run side by side")
     parser.add_argument("--device", help="default: cuda for the gpu suite, else cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)

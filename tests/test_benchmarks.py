@@ -18,7 +18,10 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert {"cpu", "threads", "torch"} <= set(result["machine"])
     assert "failed" not in result, result.get("failed")
     kinds = {row["kind"]: row["result"] for row in result["rows"]}
-    assert set(kinds) == {"peak", "train", "sample", "eval", "data", "precision"}
+    assert set(kinds) == {"peak", "train", "sample", "eval", "data", "precision", "contention"}
+    contention = kinds["contention"]  # a second process trained beside this one: both rates measured
+    assert contention["alone_steps_per_s"] > 0 and contention["beside_steps_per_s"] > 0
+    assert contention["neighbour_threads"] == 2 and contention["ratio_rounds"]["rounds"] == 1
     assert kinds["precision"]["fp32_s"] > 0 and kinds["precision"]["bf16_s"] > 0
     assert kinds["precision"]["speedup_rounds"]["rounds"] == 1
     train = kinds["train"]
@@ -28,7 +31,8 @@ def test_smoke_suite_writes_every_table(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in (kinds["eval"]["feature_images_per_s"], kinds["data"]["images_per_s"]))
     markdown = (tmp_path / "run-smoke.md").read_text()
     assert markdown.strip() == proc.stdout.strip()
-    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads", "bf16 autocast against fp32"):
+    for title in ("Training step", "Euler sampling", "Evaluation", "Latent cache reads", "bf16 autocast against fp32",
+                  "Training beside a second process"):
         assert title in markdown
 
     # --only re-runs one kind of row and keeps the others

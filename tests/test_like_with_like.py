@@ -167,13 +167,43 @@ def test_too_few_samples_for_a_metric_are_named(plain):
 def test_the_run_log_says_its_threads_and_warns_on_a_busy_machine(monkeypatch, caplog):
     import os
 
-    from ddt import runner
+    import torch
+
+    from ddt.threads import size_threads
 
     monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * (os.cpu_count() or 1), 0.0, 0.0))
-    with caplog.at_level(logging.INFO, logger="ddt.runner"):
-        runner.log_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # a job given one CPU of the machine
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="ddt.runner"):
+            assert size_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     text = caplog.text
-    assert re.search(r"torch uses \d+ threads on \d+ cores", text) and "OMP_NUM_THREADS=1" in text
+    assert re.search(r"torch uses 1 threads on \d+ cores \(1 CPUs in this process's affinity mask\)", text)
+    assert "OMP_NUM_THREADS=1" in text  # the busy machine's warning
+
+
+@pytest.mark.parametrize("cpus,env,threads,why", [
+    (8, {}, 8, "8 CPUs in this process's affinity mask"),
+    (8, {"SLURM_CPUS_PER_TASK": "2"}, 2, "8 CPUs in this process's affinity mask, SLURM_CPUS_PER_TASK=2"),
+    (2, {"SLURM_CPUS_PER_TASK": "16"}, 2, "2 CPUs in this process's affinity mask, SLURM_CPUS_PER_TASK=16"),
+    (8, {"SLURM_CPUS_PER_TASK": "2", "OMP_NUM_THREADS": "3"}, 3, "OMP_NUM_THREADS=3"),
+    (8, {"OMP_NUM_THREADS": "4,2"}, 4, "OMP_NUM_THREADS=4,2"),
+    (4, {"OMP_NUM_THREADS": "many"}, 4,
+     "4 CPUs in this process's affinity mask; OMP_NUM_THREADS='many' is not a positive number, ignored"),
+])
+def test_threads_are_sized_from_what_the_process_may_use(monkeypatch, cpus, env, threads, why):
+    """The affinity mask (taskset, cgroups, SLURM's binding) and SLURM_CPUS_PER_TASK, the smaller; OMP_NUM_THREADS
+    overrides both."""
+    import os
+
+    from ddt.threads import thread_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert thread_count(env) == (threads, why)
 
 
 def test_the_wandb_loaders_recompute_config_id_and_count_a_duplicate_once(plain, caplog):
