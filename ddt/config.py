@@ -12,12 +12,15 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.errors import UsageError
 from ddt.schema import RootSchema, check_types, later_keys
+
+if TYPE_CHECKING:
+    from torch import nn
 
 STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
 
@@ -313,15 +316,11 @@ def check_ckpt(plain: dict) -> Iterator[str]:
         yield f"ckpt={plain['ckpt']} does not exist; check the path (suite checkpoints are RUN_DIR/checkpoints/*.pt)"
 
 
-def model_kwargs(plain: dict) -> dict:
-    """DDT constructor arguments from the resolved `model` group."""
-    m = plain["model"]
-    return dict(arch=m["arch"], in_channels=m["in_channels"], patch_size=m["patch_size"],
-                hidden_size=m["hidden_size"], num_heads=m["num_heads"], depth=m["depth"],
-                encoder_depth=m["encoder_depth"] if m["arch"] == "ddt" else None, num_classes=m["num_classes"],
-                norm=m["norm"], ffn=m["ffn"],
-                pos=m["pos"], qk_norm=m["qk_norm"], decoder_hidden_size=m.get("decoder_hidden_size"),
-                decoder_num_heads=m.get("decoder_num_heads"))
+def build_network(cfg: Mapping) -> nn.Module:
+    """The network of a (typed or plain) resolved config, from its `model` group."""
+    from ddt.models import model_from_config  # torch: imported only where a network is built
+
+    return model_from_config(cfg["model"])
 
 
 def sampler_kwargs(plain: dict) -> dict:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
-from ddt.config import comparable, config_id, model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import build_network, comparable, config_id, sampler_kwargs, stages, validate
 from ddt.curve import curve_cost, kept_steps, point_settings, record_point, set_aside_stale_points
 from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours
 from ddt.signals import checkpoint_on_preemption, stop_after_step_on_interrupt
@@ -38,11 +38,12 @@ from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.metrics import calculate_metrics, fd_dinov2
 from ddt.samples import (generate_samples, image_grid, read_samples, sample_labels, sample_noise, write_grid,
                          write_npz)
-from ddt.models import DDT, build_model, compile_model
+from ddt.models import DDT, compile_model
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
 from ddt.train import Trainer, TrainConfig
-from ddt.weights import ckpt_path, load_projector, load_weights, projector_problems, weights_problems
+from ddt.weights import (ckpt_path, load_projector, load_weights, projector_problems, resume_checkpoint,
+                         weights_problems)
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,12 @@ def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: t
         raise
     size_threads()
     torch.manual_seed(plain["seed"])
-    model = build_model(**model_kwargs(plain)).to(device)
+    model = build_network(run_cfg).to(device)
     results.update(status="running", error=None, stages=todo, run_dir=str(run_dir), config=plain,
                    config_id=config_id(plain),
                    versions=versions(), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                    world_size=process_rank()[1], device=device_info(device),
-                   model={**model_kwargs(plain), "decoder_depth": getattr(model, "decoder_depth", None),
+                   model={**model.config, "decoder_depth": getattr(model, "decoder_depth", None),
                           "parameters": sum(p.numel() for p in model.parameters())})
     logger = plain["logger"] if rank == 0 else {"backend": "none"}  # one W&B run per job
     tracker = make_tracker(logger, config={**plain, "config_id": results.data["config_id"]}, run_dir=run_dir,
@@ -318,8 +319,9 @@ def _train(plain: dict, model: DDT, run_dir: Path, results: Results, ledger: Led
                       on_save=lambda t: ledger.checkpoint(t.step),
                       eval_every=every, on_eval=curve_point if every else None)
     if last.exists():
-        trainer.load(last)
-        log.info("resuming from %s at step %d", last, trainer.step)
+        start = resume_checkpoint(run_dir, say=True)  # last.pt, or the newest readable step_N.pt if it is damaged
+        trainer.load(start)
+        log.info("resuming from %s at step %d", start, trainer.step)
     ledger.progress(trainer.step, train_cfg.max_steps)
     if train_cfg.precision == "auto":  # machine- and width-dependent (ddt.train.autocast_dtype), kept on resume
         log.info("train.precision=auto: training in %s", "bf16 autocast" if trainer.autocast else "fp32")
@@ -488,7 +490,7 @@ def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Pa
     todo = [s for s in missing if s not in absent]
     if not todo:
         return
-    model = build_model(**model_kwargs(plain)).to(device)
+    model = build_network(plain).to(device)
     for step in todo:
         load_weights(model, run_dir / "checkpoints" / f"step_{step}.pt", ema=True)
         _curve_point(plain, model, step, run_dir, results, tracker, parts)

@@ -6,14 +6,15 @@ read; every mismatch with the configured model or REPA projector is one line nam
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 
 from ddt import checkpoint
-from ddt.config import check_ckpt, model_kwargs
+from ddt.config import build_network, check_ckpt
 from ddt.errors import UsageError
-from ddt.models import DDT, build_model
+from ddt.models import DDT
 from ddt.models.repa import describe_widths, projector_widths
 from ddt.objective import Objective
 
@@ -60,7 +61,7 @@ def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
     if problems:
         return problems
     ckpt, last = ckpt_path(plain), run_dir / "checkpoints" / "last.pt"
-    sources = [last] if "train" in todo and last.exists() else []
+    sources = [resume_checkpoint(run_dir)] if "train" in todo and last.exists() else []
     if ckpt and ("train" not in todo or not last.exists()):
         sources.append(ckpt)
     if "sample" in todo and "train" not in todo and not ckpt:
@@ -72,7 +73,7 @@ def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
     if not sources:
         return problems
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        model = build_model(**model_kwargs(plain))
+        model = build_network(plain)
     for path in sources:
         try:
             problems += fit_problems(checkpoint.load(path, mmap=True), model, path)
@@ -82,9 +83,33 @@ def weights_problems(plain: dict, todo: list[str], run_dir: Path) -> list[str]:
 
 
 def training_start(plain: dict, run_dir: Path) -> Path | None:
-    """The checkpoint training starts from: checkpoints/last.pt when resuming, else ckpt= (None: scratch)."""
+    """The checkpoint training starts from: resume_checkpoint when resuming, else ckpt= (None: scratch)."""
     last = run_dir / "checkpoints" / "last.pt"
-    return last if last.exists() else ckpt_path(plain)
+    return resume_checkpoint(run_dir) if last.exists() else ckpt_path(plain)
+
+
+def resume_checkpoint(run_dir: Path, say: bool = False) -> Path:
+    """checkpoints/last.pt, or when it is unreadable (truncated) the newest readable kept step_N.pt (say: log both)."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if not last.exists() or _readable(last):
+        return last
+    kept = sorted((int(m.group(1)), p) for p in last.parent.glob("step_*.pt")
+                  if (m := re.fullmatch(r"step_(\d+)\.pt", p.name)))
+    newest = next((p for _, p in reversed(kept) if _readable(p)), None)
+    if newest is None:
+        return last  # nothing to fall back on: weights_problems names last.pt as unreadable
+    if say:
+        log.warning("%s is unreadable (truncated?): resuming from %s, the newest readable kept checkpoint; "
+                    "last.pt is replaced at the next checkpoint", last, newest)
+    return newest
+
+
+def _readable(path: Path) -> bool:
+    try:
+        checkpoint.load(path, mmap=True)  # the archive's index and pickle: a truncated file fails here
+    except UsageError:
+        return False
+    return True
 
 
 def projector_problems(plain: dict, todo: list[str], run_dir: Path, objective: Objective | None) -> list[str]:
@@ -94,7 +119,7 @@ def projector_problems(plain: dict, todo: list[str], run_dir: Path, objective: O
         return []
     state = checkpoint.projector_state_dict(checkpoint.load(source, mmap=True))
     if not state:  # fine-tuning (ckpt=) from a model trained without REPA starts a fresh projector
-        return [] if source != run_dir / "checkpoints" / "last.pt" else [
+        return [] if not (run_dir / "checkpoints" / "last.pt").exists() else [
             f"{source} was trained without REPA (it holds no projector) but repa is on; resume it with repa=off "
             f"or use another run directory"]
     have, want = projector_widths(state), objective.repa.widths

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ddt.components import build_objective
-from ddt.config import model_kwargs, validate
+from ddt.config import build_network, validate
 from ddt.data.digits import load_digits
 from ddt.data.pixels import ImageTensors
 from ddt.models import DDT, SiT, build_ddt, build_model
@@ -36,7 +36,7 @@ def test_every_combination_composes_trains_one_step_and_samples(compose, digits,
                 "repa.projector_dim=16"] if "repa=on" in overrides else []
         plain = validate(compose(*overrides[-1:], *overrides[:-1], *TINY, *repa))
         torch.manual_seed(0)
-        model = build_model(**model_kwargs(plain))
+        model = build_network(plain)
         assert isinstance(model, SiT if plain["model"]["arch"] == "sit" else DDT), overrides
         cfg = TrainConfig(**{**plain["train"], "max_steps": 1, "batch_size": 4})
         trainer = Trainer(model, digits, cfg, run_dir=tmp_path / str(i), seed=0, progress=False,

@@ -6,7 +6,7 @@ from hydra.errors import MissingConfigException
 from omegaconf.errors import InterpolationResolutionError
 
 from conftest import ROOT
-from ddt.config import model_kwargs, sampler_kwargs, stages, validate
+from ddt.config import build_network, sampler_kwargs, stages, validate
 from ddt.models import DDT_PRESETS
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
@@ -37,7 +37,7 @@ def test_every_option_composes_and_validates(compose, group, option):
 
 def test_quickstart_defaults(compose):
     plain = validate(compose())
-    assert model_kwargs(plain) == dict(arch="ddt", in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
+    assert build_network(plain).config == dict(arch="ddt", in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
                                        encoder_depth=22, num_classes=10, norm="rmsnorm", ffn="swiglu", pos="rope",
                                        qk_norm=True, decoder_hidden_size=None, decoder_num_heads=None)
     assert plain["model"]["decoder_depth"] == 6

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ddt.config import model_kwargs, validate
+from ddt.config import build_network, validate
 from ddt.data.pixels import ImageTensors
 from ddt.errors import UsageError
 from ddt.models import DDT, HEAD_PRESETS, build_ddt, build_model, compile_model
@@ -149,17 +149,17 @@ def test_compiled_blocks_match_eager_with_one_more_graph_for_the_head():
 
 def test_the_config_keys_build_the_head(compose):
     plain = validate(compose("model.decoder_hidden_size=96", "model.decoder_num_heads=8"))
-    model = build_model(**model_kwargs(plain))
+    model = build_network(plain)
     assert model.decoder_size == (96, 8) and model.x_embedder.proj.out_features == 96
     plain = validate(compose())
     assert (plain["model"]["decoder_hidden_size"], plain["model"]["decoder_num_heads"]) == (None, None)
-    assert build_model(**model_kwargs(plain)).decoder_size == (64, 4)
+    assert build_network(plain).decoder_size == (64, 4)
     dh = validate(compose("model=ddt_xl_dh", "resolution=r256", "data.root=/d"))
     m = dh["model"]
     assert (m["depth"], m["encoder_depth"], m["decoder_depth"], m["hidden_size"]) == (30, 28, 2, 1152)
     assert (m["decoder_hidden_size"], m["decoder_num_heads"]) == HEAD_PRESETS["XL-DH"] == (2048, 16)
     with torch.device("meta"):
-        from_config, from_preset = build_model(**model_kwargs(dh)), build_ddt("XL-DH")
+        from_config, from_preset = build_network(dh), build_ddt("XL-DH")
     assert {k: v.shape for k, v in from_config.state_dict().items()} == {
         k: v.shape for k, v in from_preset.state_dict().items()}
     point = validate(compose("+experiment=head_width", "model.decoder_hidden_size=2048", "model.decoder_depth=4",

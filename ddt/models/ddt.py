@@ -562,6 +562,12 @@ def build_model(arch: str = "ddt", **kwargs) -> DDT | SiT:
     return ARCHS[arch](**kwargs)
 
 
+def model_from_config(model: Mapping, **top_level) -> DDT | SiT:
+    """The network a `model` config group describes (the group's other keys, e.g. preset, size no network);
+    `top_level` passes the config's own network keys."""
+    return build_model(model["arch"], **{k: model[k] for k in _constructor_defaults() if k in model}, **top_level)
+
+
 def build_ddt(preset: str, *, in_channels: int = 4, patch_size: int = 2, num_classes: int = 1000,
               encoder_depth: int | None = None, arch: str = "ddt", **overrides) -> DDT | SiT:
     """A model of a named size; defaults give the paper's latent ImageNet DDT."""
