@@ -1,6 +1,7 @@
 """kill -9 at random points of a training run, then the same command again: bit-equal final weights."""
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,3 +68,27 @@ def test_kill_9_at_random_points_then_rerun_gives_bit_equal_weights(tmp_path, ca
     assert torch.equal(a["generator"], b["generator"])
     assert not list(ckpt_dir.glob(".*.tmp"))  # temp files of killed writes are cleaned up
     print("kill -9 trials (step in last.pt, during a write):", trials)
+
+
+def test_an_unreadable_last_pt_resumes_from_the_newest_readable_kept_checkpoint(tmp_path, cache_dir):
+    """last.pt and the newer kept step_4.pt cut short (a full disk, a copy killed halfway): the run resumes from
+    step_2.pt with one line naming both, to the weights of a run resumed from step_2.pt copied to last.pt by hand."""
+    args = ["stage=train", "train.batch_size=16", "train.ckpt_every=1", "train.keep_every=2", "train.log_every=10",
+            "progress=false"]
+    damaged, by_hand = tmp_path / "damaged", tmp_path / "by_hand"
+    launch(*args, "train.max_steps=5", f"hydra.run.dir={damaged}")
+    shutil.copytree(damaged, by_hand)
+    for name in ("last.pt", "step_4.pt"):
+        data = (damaged / "checkpoints" / name).read_bytes()
+        (damaged / "checkpoints" / name).write_bytes(data[: len(data) // 2])
+    shutil.copy(by_hand / "checkpoints" / "step_2.pt", by_hand / "checkpoints" / "last.pt")
+    proc = launch(*args, "train.max_steps=7", f"hydra.run.dir={damaged}")
+    (line,) = [line for line in proc.stderr.splitlines() if "last.pt is unreadable" in line]
+    assert f"{damaged / 'checkpoints' / 'last.pt'} is unreadable" in line, line
+    assert f"resuming from {damaged / 'checkpoints' / 'step_2.pt'}, the newest readable kept checkpoint" in line
+    launch(*args, "train.max_steps=7", f"hydra.run.dir={by_hand}")
+    resumed, copied = (checkpoint.load(d / "checkpoints" / "last.pt") for d in (damaged, by_hand))
+    assert resumed["step"] == copied["step"] == 7
+    for part in ("model", "ema"):
+        for key, value in copied[part].items():
+            assert torch.equal(resumed[part][key], value), (part, key)
