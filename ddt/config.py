@@ -320,7 +320,7 @@ def build_network(cfg: Mapping) -> nn.Module:
     """The network of a (typed or plain) resolved config, from its `model` group."""
     from ddt.models import model_from_config  # torch: imported only where a network is built
 
-    return model_from_config(cfg["model"])
+    return model_from_config(cfg["model"], prediction=cfg["prediction"])
 
 
 def sampler_kwargs(plain: dict) -> dict:

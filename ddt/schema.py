@@ -251,6 +251,9 @@ class RootSchema(Group):
     ckpt: Optional[str] = key("checkpoint to start training from or to sample/evaluate", None)
     ckpt_ema: bool = key("use the checkpoint's EMA weights (false: the raw training weights)", True)
     seed: int = key("model init, data order and sampling noise", 0, ge=0)
+    prediction: Literal["v", "x", "eps"] = key(
+        "what the network's output is read as: v = velocity (the official DDT), x = clean image (JiT), eps = noise; "
+        "converted to a velocity (ddt.models.ddt.PREDICTIONS), so the loss stays in velocity space", "v", later=True)
     device: str = key("auto (cuda if available), cpu, cuda or cuda:N", "auto")
     cache_dir: str = key("reference statistics, Inception weights, latent cache", ".cache/ddt")
     progress: bool = key("progress bars (log lines when stderr is not a terminal)", True)

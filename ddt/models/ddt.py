@@ -23,7 +23,8 @@ Departed from RAE: `forward` returns s at the encoder's width, before the projec
 only the velocity), so that encoder sharing reuses it unchanged; the blocks keep DDT's options
 (qk-norm, no qkv bias) rather than RAE's LightningDiT ones.
 
-Time convention: t = 0 is pure noise, t = 1 is data.
+Time convention: t = 0 is pure noise, t = 1 is data. `prediction` says what the last layer's output is
+read as (velocity, clean image or noise, see PREDICTIONS); `forward` always returns the velocity.
 """
 from __future__ import annotations
 
@@ -300,6 +301,46 @@ class FinalLayer(nn.Module):
 #                          Shared trunk, DDT and SiT                            #
 #################################################################################
 
+#################################################################################
+#          What the output is read as: every reading becomes a velocity         #
+#################################################################################
+
+# JiT (Li & He 2025, arXiv 2511.13720; Denoiser in its denoiser.py, t_eps = 5e-2) clips the divisor of the
+# x-prediction's velocity at 0.05; the same floor keeps eps-prediction finite near t = 0 (pure noise).
+PREDICTION_MIN_DIVISOR = 0.05
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, *([1] * (like.dim() - 1)))  # (B,) -> (B, 1, 1, 1)
+
+
+class VelocityPrediction:
+    """`prediction=v`: the output is the velocity x − ε itself (the official DDT)."""
+
+    @staticmethod
+    def velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class DataPrediction:
+    """`prediction=x` (JiT): the output is the clean image x̂, and v̂ = (x̂ − x_t) / (1 − t) on x_t = t·x + (1 − t)·ε."""
+
+    @staticmethod
+    def velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (out - x_t) / (1 - _per_sample(t, out)).clamp_min(PREDICTION_MIN_DIVISOR)
+
+
+class NoisePrediction:
+    """`prediction=eps`: the output is the noise ε̂, and v̂ = (x_t − ε̂) / t on x_t = t·x + (1 − t)·ε."""
+
+    @staticmethod
+    def velocity(out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (x_t - out) / _per_sample(t, out).clamp_min(PREDICTION_MIN_DIVISOR)
+
+
+PREDICTIONS = {"v": VelocityPrediction, "x": DataPrediction, "eps": NoisePrediction}
+
+
 class _Transformer(nn.Module):
     """Embedders, blocks, final layer, positions and (un)patchify shared by DDT and SiT.
 
@@ -312,10 +353,13 @@ class _Transformer(nn.Module):
     def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, num_heads: int, depth: int,
                  num_classes: int, norm: str = "rmsnorm", ffn: str = "swiglu", pos: str = "rope",
                  qk_norm: bool = True, encoder_depth: int = 0, decoder_hidden_size: int | None = None,
-                 decoder_num_heads: int | None = None):
+                 decoder_num_heads: int | None = None, prediction: str = "v"):
         super().__init__()
         if pos not in POSITIONS:
             raise ValueError(f"model.pos={pos!r} is unknown; use one of {POSITIONS}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r} is unknown; use one of {sorted(PREDICTIONS)}")
+        self.prediction = prediction  # the loss and every sampler see velocities (forward converts)
         if not self.decoupled and (decoder_hidden_size or decoder_num_heads):
             raise ValueError(f"model.decoder_hidden_size={decoder_hidden_size} and model.decoder_num_heads="
                              f"{decoder_num_heads} size a DDT's decoder; model.arch={self.arch} has none: "
@@ -473,7 +517,7 @@ class DDT(_Transformer):
         if s is None:
             t_emb = self.t_embedder(t.reshape(-1))[:, None]  # (B, 1, D)
             s = F.silu(t_emb + self._encode(x, patches, t_emb, y))  # (B, N, D), one per token
-        return self._decode(x, patches, s), s
+        return PREDICTIONS[self.prediction].velocity(self._decode(x, patches, s), x, t), s
 
     @classmethod
     def from_official(cls, config: Mapping, state_dict: Mapping[str, torch.Tensor],
@@ -507,7 +551,8 @@ class SiT(_Transformer):
         h, rope = self._embed(self.x_embedder, self._patches(x), x)
         for block in self.blocks:
             h = self._block(block, h, c, rope)
-        return self._unpatchify(self.final_layer(h, c), x.shape[2:]), None
+        out = self._unpatchify(self.final_layer(h, c), x.shape[2:])
+        return PREDICTIONS[self.prediction].velocity(out, x, t), None
 
 
 #################################################################################
