@@ -372,7 +372,9 @@ def _write_samples(plain: dict, model: DDT, out_dir: Path, num_samples: int, wei
     rank, world_size = process_rank()
     samples_dir = out_dir / "samples"
     if rank == 0:
-        prepare_samples_dir(samples_dir, {**weights, "sampler": sampler})
+        # SDE images drawn before their step noise was per image (issue 41) are set aside, not mixed in
+        noise = {"step_noise": "per_image"} if sampler["solver"] == "sde" else {}
+        prepare_samples_dir(samples_dir, {**weights, "sampler": sampler, **noise})
     barrier()  # stale samples are moved aside before any rank writes new ones
     stats = generate_samples(model, samples_dir, num_samples=num_samples, batch_size=sampler["batch_size"],
                              seed=plain["seed"], latent_shape=latent_shape, progress=plain["progress"],

@@ -26,12 +26,25 @@ def sample_labels(num_samples: int, num_classes: int) -> torch.Tensor:
     return torch.arange(num_samples) % num_classes
 
 
+# Added to an image's seed for its SDE step noise: on CPU both streams would otherwise be one Mersenne
+# Twister stream, and image i's step noise would repeat the initial noise of image i or of a neighbour.
+STEP_NOISE_STREAM = 1 << 62
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index`'s noise under the run's seed."""
+    return seed * 1_000_003 + int(index)
+
+
 def sample_noise(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Per-image noise from (seed, image index): independent of batch size, rank and resumption."""
-    return torch.stack([
-        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-        for i in indices
-    ])
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, i)))
+                        for i in indices])
+
+
+def step_noise_generators(indices: torch.Tensor, seed: int, device: torch.device) -> list[torch.Generator]:
+    """One SDE step-noise generator per image, seeded from (seed, image index): independent of the batch split."""
+    return [torch.Generator(device).manual_seed(STEP_NOISE_STREAM + image_seed(seed, i)) for i in indices]
 
 
 def write_png(image: np.ndarray, path: Path) -> None:
@@ -63,9 +76,8 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
             break
         batch = torch.tensor(todo[first:first + batch_size], dtype=torch.long)
         noise = sample_noise(batch, latent_shape, seed).to(device)
-        # SDE noise is seeded by the batch's first image, so a resumed run redraws the same batches.
-        generator = torch.Generator(device).manual_seed(seed * 1_000_003 + int(batch[0]) + 1)
-        images = decode(sample(model, noise, labels[batch].to(device), generator=generator, stats=stats,
+        generators = step_noise_generators(batch, seed, device)
+        images = decode(sample(model, noise, labels[batch].to(device), generator=generators, stats=stats,
                                **sampler_kwargs))
         for i, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
             write_png(image, samples_dir / f"{i:06d}.png")

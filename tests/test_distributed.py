@@ -110,6 +110,36 @@ def test_two_gloo_ranks_with_compiled_blocks_match_one_eager_process(tmp_path):
             torch.testing.assert_close(last_two[part][k], v, rtol=1e-3, atol=1e-4, msg=f"{part}.{k}")
 
 
+def _sample_worker(rank: int, world_size: int, port: int, out: str, solver: str) -> None:
+    """Sample as the runner's sample stage does on each rank: its share of the images, into one folder."""
+    from test_sampling import SPLIT_SAMPLING, split_sampler_kwargs, tiny_ddt
+    from ddt.samples import generate_samples
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.setup(torch.device("cpu"))
+    try:
+        rank, world_size = distributed.process_rank()
+        generate_samples(tiny_ddt(), out, batch_size=3, rank=rank, world_size=world_size,
+                         sampler_kwargs=split_sampler_kwargs(solver), **SPLIT_SAMPLING)
+        distributed.barrier()
+    finally:
+        distributed.teardown()
+
+
+@pytest.mark.parametrize("solver", ["sde", "heun"])
+def test_two_gloo_ranks_sample_the_images_of_one_process(tmp_path, solver):
+    """Image i is sampled on rank i mod 2 in other batches than alone; its initial and step noise stay its own."""
+    from test_sampling import sampled_pngs
+
+    folders = {n: tmp_path / f"world{n}" for n in (1, 2)}
+    for world_size, folder in folders.items():
+        mp.spawn(_sample_worker, args=(world_size, free_port(), str(folder), solver), nprocs=world_size)
+    one, two = sampled_pngs(folders[1]), sampled_pngs(folders[2])
+    assert len(one) == 10 and one == two
+
+
 def test_batch_not_divisible_by_ranks_is_refused():
     from test_train import tiny_dataset, tiny_model
 

@@ -213,3 +213,43 @@ def test_compiled_blocks_sample_what_eager_blocks_sample():
     assert (compiled - eager).abs().max() < 1e-5
     compile_model(model, enabled=False)  # sampler.compile=false after a compiled training run
     assert torch.equal(sample(model, noise, labels, **kwargs), eager)
+
+
+def tiny_ddt() -> DDT:
+    """A 2-block DDT whose output layer is not zero, so that the samples depend on the network."""
+    torch.manual_seed(0)
+    model = DDT(in_channels=3, patch_size=4, hidden_size=32, num_heads=2, depth=2, encoder_depth=1, num_classes=10)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    return model.eval()
+
+
+def sampled_pngs(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+SPLIT_SAMPLING = dict(num_samples=10, seed=3, latent_shape=(3, 16, 16), progress=False)
+
+
+def split_sampler_kwargs(solver: str) -> dict:
+    return {"num_steps": 4, "solver": solver, "cfg_scale": 2.0, "cfg_interval": (0.2, 0.9)}
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "sde", "adams"])
+def test_every_solver_samples_the_same_images_for_any_batch_size(tmp_path, solver):
+    """Image i's initial and (SDE) step noise come from (seed, i): neither the batch it falls in nor its
+    neighbours change it."""
+    from ddt.samples import generate_samples
+
+    model = tiny_ddt()
+    for batch_size in (2, 5):
+        generate_samples(model, tmp_path / f"batch{batch_size}", batch_size=batch_size,
+                         sampler_kwargs=split_sampler_kwargs(solver), **SPLIT_SAMPLING)
+    two, five = sampled_pngs(tmp_path / "batch2"), sampled_pngs(tmp_path / "batch5")
+    assert len(two) == 10 and two == five
+
+
+def test_per_image_step_noise_needs_one_generator_per_image():
+    model, noise = tiny_ddt(), torch.randn(3, 3, 16, 16)
+    with pytest.raises(ValueError, match="2 step-noise generators for 3 images"):
+        sample(model, noise, torch.zeros(3, dtype=torch.long), num_steps=2, solver="sde",
+               generator=[torch.Generator(), torch.Generator()])

@@ -109,6 +109,13 @@ class GuidedVelocity:
         return v_uncond + self.cfg_scale * (v_cond - v_uncond)
 
 
+def step_noise(x: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped as x: from one generator, or image k's from generator[k]."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+
+
 def _score(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """∇ log p_t(x) from the velocity on the linear path: (t·v − x) / (1 − t)."""
     return (t * v - x) / (1 - t)
@@ -119,16 +126,21 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
            solver: str = "euler", cfg_scale: float = 1.0, cfg_interval: Sequence[float] = (0.0, 1.0),
            timeshift: float = 1.0, last_step: float | None = None,
            recompute_steps: Iterable[int] | None = None, fresh_timestep: bool = False,
-           sde_diffusion: float = 1.0, order: int | None = None, generator: torch.Generator | None = None,
+           sde_diffusion: float = 1.0, order: int | None = None,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None,
            stats: SamplingStats | None = None, record_encoder: bool = False) -> torch.Tensor:
     """Integrate from noise (t = 0) to data (t = 1); the encoder runs only at `recompute_steps`.
 
     `order` (1-4) is the Adams–Bashforth order of solver="adams" (default 2); other solvers take none.
+    `generator` draws the SDE's step noise: one for the batch, or one per image (image k's noise from
+    generator[k], so an image's path does not depend on the batch it is sampled in).
     """
     if solver not in SOLVERS:
         raise ValueError(f"sampler.solver={solver!r} is unknown; choose one of {SOLVERS}")
     if order is not None and solver != "adams":
         raise ValueError(f"sampler.order={order} is the order of solver=adams; solver={solver} has a fixed order")
+    if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != len(noise):
+        raise ValueError(f"{len(generator)} step-noise generators for {len(noise)} images; give one per image")
     grid = time_grid(num_steps, last_step, timeshift)
     # float64 weights from the float32 grid the network sees (the official grid is float32 too)
     weights = adams_weights(grid.tolist(), 2 if order is None else order) if solver == "adams" else None
@@ -168,7 +180,7 @@ def sample(model: nn.Module, noise: torch.Tensor, labels: torch.Tensor, *, num_s
             x = x + v * dt
         elif solver == "sde" and not last:
             w = sde_diffusion * (1 - t)  # diffusion coefficient, vanishing at the data end
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = step_noise(x, generator)
             x = x + (v + w * _score(x, v, t)) * dt + torch.sqrt(2 * w * dt) * z
         else:  # Euler, and the deterministic last step of every solver
             x = x + v * dt
