@@ -6,6 +6,7 @@ torch-fidelity.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -143,16 +144,30 @@ def kernel_inception_distance(samples: np.ndarray, reference: np.ndarray) -> dic
             "kid_std": float(out["kernel_inception_distance_std"])}
 
 
+def metrics_device(device: torch.device | str | None) -> torch.device:
+    """The device the feature extractors run on: the run's `device=`, or CUDA when present if none is given."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def current_cuda(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch-fidelity moves its extractors with .cuda(): make `device` the current CUDA device meanwhile."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path,
                       *, feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
                       reference_name: str = "reference", prc: bool = True, kid: bool = False, isc: bool = True,
-                      isc_protocol: str = "adm", batch_size: int = 250, verbose: bool = True) -> dict[str, float]:
+                      isc_protocol: str = "adm", batch_size: int = 250, verbose: bool = True,
+                      device: torch.device | str | None = None) -> dict[str, float]:
     """The ADM evaluator's FID, sFID, IS, precision, recall (and KID) of samples against a reference.
 
     samples: a folder of PNGs, an ADM-layout npz (arr_0 uint8 NHWC) or a uint8 NCHW tensor. The
     reference is images (a uint8 NCHW tensor or a Dataset of uint8 CHW images) or an ADM reference
     batch npz: FID/sFID then use its mu/sigma and mu_s/sigma_s where present (else statistics of its
     arr_0), precision/recall/KID its images. Reference activations are cached by content (content_key).
+    The extractor runs on `device` (see metrics_device).
     """
     if isc_protocol not in ISC_PROTOCOLS:
         raise ValueError(f"eval.isc_protocol={isc_protocol!r} is unknown; use {' or '.join(ISC_PROTOCOLS)}")
@@ -163,8 +178,9 @@ def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tenso
         prc = kid = False
     if not has_images and "sfid" not in stored:
         log.warning("reference batch %s has neither mu_s/sigma_s nor images (arr_0): sFID is skipped", reference)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    extractor = build_extractor(feature_extractor, weights_path, device)
+    device = metrics_device(device)
+    with current_cuda(device):
+        extractor = build_extractor(feature_extractor, weights_path, device)
     acts = extract_activations(samples, extractor, batch_size=batch_size, desc="sample features", verbose=verbose)
     ref = None
     if has_images and (prc or kid or len(stored) < len(STAT_PAIRS)):
@@ -189,11 +205,11 @@ def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tenso
 
 def fd_dinov2(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path, *,
               model: str, weights_path: str | Path, cache_dir: str | Path, reference_name: str = "reference",
-              batch_size: int = 250, verbose: bool = True) -> float:
+              batch_size: int = 250, verbose: bool = True, device: torch.device | str | None = None) -> float:
     """FD-DINOv2: torch-fidelity's FID computed on the DINOv2 CLS features of samples and reference images.
 
     The reference's features are cached by content and weights, as the Inception ones. An ADM npz has no
-    DINOv2 statistics.
+    DINOv2 statistics. The extractor runs on `device` (see metrics_device).
     """
     import torch_fidelity
 
@@ -204,14 +220,18 @@ def fd_dinov2(samples: str | Path | torch.Tensor, reference: torch.Tensor | torc
     # torch-fidelity caches the samples' features too; they are removed after this call.
     samples_cache_name = f"samples-{uuid.uuid4().hex}"
     cache_root = Path(cache_dir) / "fidelity"
+    device = metrics_device(device)
     try:
-        metrics = torch_fidelity.calculate_metrics(
-            input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
-            input1_cache_name=samples_cache_name, input2=_reference_dataset(reference),
-            input2_cache_name=f"{reference_name}-{name}-{content_key(reference)[:16]}-{file_sha256(weights_path)[:12]}",
-            cache_root=str(cache_root), cache=True, fid=True, feature_extractor=name,
-            feature_extractor_weights_path=str(weights_path), batch_size=batch_size, cuda=torch.cuda.is_available(),
-            save_cpu_ram=True, samples_find_ext="png", verbose=verbose and is_terminal())
+        with current_cuda(device):
+            metrics = torch_fidelity.calculate_metrics(
+                input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
+                input1_cache_name=samples_cache_name, input2=_reference_dataset(reference),
+                input2_cache_name=f"{reference_name}-{name}-{content_key(reference)[:16]}-"
+                                  f"{file_sha256(weights_path)[:12]}",
+                cache_root=str(cache_root), cache=True, fid=True, feature_extractor=name,
+                feature_extractor_weights_path=str(weights_path), batch_size=batch_size,
+                cuda=device.type == "cuda", save_cpu_ram=True, samples_find_ext="png",
+                verbose=verbose and is_terminal())
     finally:
         for path in cache_root.glob(f"{samples_cache_name}-*"):
             path.unlink(missing_ok=True)

@@ -266,7 +266,7 @@ def _run_stages(plain: dict, todo: list[str], parts: Parts, model: DDT, device: 
         _sample(plain, todo, model, run_dir, results, parts, step, tracker)
     if "evaluate" in todo and parts.extractor is not None and process_rank()[0] == 0:
         ledger.enter(STAGE_STATE["evaluate"])
-        _evaluate(plain, run_dir, results, tracker, parts)
+        _evaluate(plain, run_dir, results, tracker, parts, device)
     if results.data.get("curve"):
         results.update(curve_cost=curve_cost(results.data))
     results.update(device_hours=device_hours(results.data))
@@ -440,12 +440,12 @@ def small_sample_warnings(plain: dict, num_samples: int) -> list[str]:
     return out
 
 
-def _metrics(plain: dict, parts: Parts, samples_dir: Path) -> dict[str, float]:
+def _metrics(plain: dict, parts: Parts, samples_dir: Path, device: torch.device) -> dict[str, float]:
     ev = plain["eval"]
     for warning in small_sample_warnings(plain, sum(1 for _ in samples_dir.glob("*.png"))):
         log.warning("%s", warning)
     common = dict(cache_dir=plain["cache_dir"], reference_name=parts.reference_name,
-                  batch_size=ev["feature_batch_size"], verbose=plain["progress"])
+                  batch_size=ev["feature_batch_size"], verbose=plain["progress"], device=device)
     metrics = calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
                                 weights_path=parts.extractor["weights"], prc=ev["prc"], kid=ev["kid"],
                                 isc_protocol=isc_protocol(plain), **common)
@@ -470,7 +470,7 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
         return
     if stats["rank"] != 0:
         return
-    metrics = _metrics(plain, parts, point_dir / "samples")
+    metrics = _metrics(plain, parts, point_dir / "samples", next(model.parameters()).device)
     point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": num_samples, "final": False,
              "settings": point_settings(plain, parts.extractor),
              "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
@@ -498,10 +498,10 @@ def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Pa
         _curve_point(plain, model, step, run_dir, results, tracker, parts)
 
 
-def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts) -> None:
+def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts, device: torch.device) -> None:
     ev = plain["eval"]
     start = time.perf_counter()  # the sample stage (implied by evaluate) made every image
-    metrics = _metrics(plain, parts, run_dir / "samples")
+    metrics = _metrics(plain, parts, run_dir / "samples", device)
     seconds = round(time.perf_counter() - start, 3)
     results.update(metrics=metrics, feature_extractor=parts.extractor,
                    evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,

@@ -151,3 +151,49 @@ def test_a_stop_request_ends_sampling_after_the_batch_and_the_rerun_writes_only_
     rest = generate_samples(model, tmp_path, **kwargs)
     assert not rest["stopped"] and rest["generated"] == 4 and len(list(tmp_path.glob("*.png"))) == 12
     assert {n: (tmp_path / n).stat().st_mtime_ns for n in stamps} == stamps
+
+
+TINY_RUN = ["model.depth=2", "model.encoder_depth=1", "model.hidden_size=32", "model.num_heads=2",
+            "train.max_steps=2", "train.batch_size=8", "train.ckpt_every=1", "sampler.num_steps=2",
+            "sampler.batch_size=10", "eval.num_samples=10", "progress=false"]
+
+
+def test_the_runs_device_reaches_every_scoring(compose, tmp_path, monkeypatch):
+    """device=cpu: the curve point at step 1 and the final evaluation score with device=cpu, not a device of
+    their own."""
+    import ddt.runner
+    from ddt.runner import run
+
+    devices, real = [], ddt.runner.calculate_metrics
+    monkeypatch.setattr(ddt.runner, "calculate_metrics",
+                        lambda *a, **kw: devices.append(kw.get("device")) or real(*a, **kw))
+    results = run(compose(*TINY_RUN, "device=cpu", "eval.every_steps=1"), tmp_path / "run")
+    assert results["status"] == "completed" and [p["step"] for p in results["curve"]] == [1, 2]
+    assert devices == [torch.device("cpu")] * 2
+
+
+def test_the_metrics_run_on_the_given_device_even_with_a_gpu_present(digits, classifier, cache_dir, monkeypatch):
+    """A run told device=cpu on a GPU node: the extractors are built and run on the CPU (FD-DINOv2's too)."""
+    import torch_fidelity
+
+    import ddt.metrics
+    from ddt.metrics import fd_dinov2
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a busy GPU node
+    seen, build, extract = [], ddt.metrics.build_extractor, ddt.metrics.extract_activations
+    monkeypatch.setattr(ddt.metrics, "build_extractor",
+                        lambda name, weights, device: seen.append(("built", device)) or build(name, weights, device))
+    monkeypatch.setattr(ddt.metrics, "extract_activations", lambda images, extractor, **kw: seen.append(
+        ("ran", next(extractor.parameters()).device)) or extract(images, extractor, **kw))
+    images, _ = digits
+    calculate_metrics(images[:50], images[:100], feature_extractor="digits-classifier", weights_path=classifier[0],
+                      cache_dir=cache_dir, reference_name="digits100", prc=False, verbose=False, device="cpu")
+    # the reference's features may come from the session's cache: then only the samples' are extracted
+    assert seen[:2] == [("built", torch.device("cpu")), ("ran", torch.device("cpu"))]
+    assert {device for _, device in seen} == {torch.device("cpu")}
+    fidelity = {}
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics",
+                        lambda **kw: fidelity.update(kw) or {"frechet_inception_distance": 0.0})
+    fd_dinov2(images[:4], images[:4], model="dinov2-vit-s-14", weights_path=classifier[0], cache_dir=cache_dir,
+              verbose=False, device=torch.device("cpu"))
+    assert fidelity["cuda"] is False
