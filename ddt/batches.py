@@ -40,7 +40,9 @@ class PngFolder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(Image.open(self.paths[i]).convert("RGB"))).permute(2, 0, 1)
+        # np.array, not np.asarray: PIL hands numpy its pixels as read-only bytes, which torch would share
+        # (and warn about); the copy is one image.
+        return torch.from_numpy(np.array(Image.open(self.paths[i]).convert("RGB"))).permute(2, 0, 1)
 
 
 def npz_header(path: str | Path, name: str = "arr_0") -> tuple[tuple[int, ...], np.dtype] | None:
