@@ -20,8 +20,12 @@ import numpy as np
 from ddt.batches import STAT_PAIRS, count_images, npz_header
 from ddt.checkpoint import atomic_write_bytes
 from ddt.extractors import INCEPTION_EXTRACTOR, INCEPTION_URL, inception_weights_path
-from ddt.metrics import calculate_metrics
+from ddt.metrics import SPATIAL_CHANNELS, calculate_metrics
 from ddt.models.digits_classifier import file_sha256
+
+# What Inception gives each metric: the pool (FID) and mixed_6/conv's first channels on its 17×17 grid (sFID).
+INCEPTION_DIMS = {"fid": 2048, "sfid": 17 * 17 * SPATIAL_CHANNELS}
+SAVE_ADVICE = "save it with np.savez(path, arr_0=images)"
 
 
 def batch_problems(path: str | Path, role: str) -> list[str]:
@@ -29,13 +33,15 @@ def batch_problems(path: str | Path, role: str) -> list[str]:
     path = Path(path)
     if not path.is_file():
         return [f"{role} batch {path} does not exist"]
+    if not zipfile.is_zipfile(path):  # else np.load tries it as a pickle and advises allow_pickle
+        return [f"{role} batch {path} is not an npz (zip) file; {SAVE_ADVICE}"]
     try:
         with np.load(path) as npz:
             files = set(npz.files)
         header = npz_header(path)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
-        return [f"{role} batch {path} is not an npz file ({' '.join(str(err).split()) or type(err).__name__}); "
-                f"save it with np.savez(path, arr_0=images)"]
+        return [f"{role} batch {path} is not a readable npz file ({' '.join(str(err).split()) or type(err).__name__}); "
+                f"{SAVE_ADVICE}"]
     problems = []
     if header is None:
         stats = "" if role == "sample" else (" (precision and recall need the reference images"
@@ -45,13 +51,34 @@ def batch_problems(path: str | Path, role: str) -> list[str]:
                         f"uint8 images N×H×W×3 in arr_0")
     else:
         shape, dtype = header
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+        if len(shape) == 4 and shape[0] == 0:
+            problems.append(f"{role} batch {path} holds no images (arr_0 has shape {shape}); {SAVE_ADVICE}")
+        elif dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
             problems.append(f"{role} batch {path}: arr_0 is {dtype} of shape {shape}; it must be uint8 N×H×W×3 "
                             f"(NHWC, 0-255), as np.savez(path, arr_0=images) of the ADM suite")
     for metric, pair in STAT_PAIRS.items():
         if len(set(pair) & files) == 1:
             problems.append(f"{role} batch {path} has {sorted(set(pair) & files)[0]} without "
                             f"{sorted(set(pair) - files)[0]}; {metric} needs both (or neither, to compute them)")
+    return problems
+
+
+def pair_problems(samples: Path, reference: Path) -> list[str]:
+    """One line per size that does not fit between two well-formed batches and Inception's features."""
+    problems = []
+    sample_shape, reference_header = npz_header(samples)[0], npz_header(reference)
+    if reference_header is not None and reference_header[0][1:3] != sample_shape[1:3]:
+        size = "×".join(map(str, reference_header[0][1:3]))
+        problems.append(f"sample batch {samples} holds {'×'.join(map(str, sample_shape[1:3]))} images but reference "
+                        f"batch {reference} holds {size} ones; score samples against the reference batch of their "
+                        f"resolution, or sample at {size}")
+    for metric, (mu, sigma) in STAT_PAIRS.items():
+        dims, headers = INCEPTION_DIMS[metric], (npz_header(reference, mu), npz_header(reference, sigma))
+        shapes = [header[0] for header in headers if header is not None]
+        if shapes and shapes != [(dims,), (dims, dims)]:  # batch_problems saw both or neither
+            problems.append(f"reference batch {reference}: {mu}/{sigma} have shapes {shapes[0]}/{shapes[1]} where "
+                            f"Inception's {metric} features are {dims}-d; they were made with another network, use "
+                            f"the ADM reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)")
     return problems
 
 
@@ -85,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=200)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Every check of the batches comes before the weights, which may need a download.
     problems = batch_problems(args.samples, "sample") + batch_problems(args.reference, "reference")
+    problems = problems or pair_problems(args.samples, args.reference)
     try:
-        weights = inception_weights_path(args.inception_weights, args.cache_dir) if not problems else None
+        weights = (inception_weights_path(args.inception_weights, args.cache_dir, key="--inception-weights")
+                   if not problems else None)
     except (OSError, RuntimeError) as err:
         problems.append(" ".join(str(err).split()))
     for problem in problems:

@@ -106,6 +106,7 @@ def pretrained_file(configured: str | None, key: str, url: str, cache_dir: str |
     try:
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
             raise ConnectionError("HF_HUB_OFFLINE is set")
+        path.parent.mkdir(parents=True, exist_ok=True)  # torch.hub writes its .partial file beside the target
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:
@@ -119,9 +120,13 @@ def pretrained_file(configured: str | None, key: str, url: str, cache_dir: str |
     return path
 
 
-def inception_weights_path(configured: str | None, cache_dir: str | Path) -> Path:
-    """Local Inception weights for torch-fidelity: the configured file, or a cached download."""
-    path = pretrained_file(configured, "eval.inception_weights", INCEPTION_URL, cache_dir, "Inception-v3 (FID)")
+def inception_weights_path(configured: str | None, cache_dir: str | Path, key: str = "eval.inception_weights") -> Path:
+    """Local Inception weights for torch-fidelity: the configured file, or a cached download.
+
+    key is how the caller's user sets the file, named in the advice as `key=PATH`: a launch.py setting
+    or a command-line flag (`--inception-weights=PATH` is argparse syntax too).
+    """
+    path = pretrained_file(configured, key, INCEPTION_URL, cache_dir, "Inception-v3 (FID)")
     try:
         torch.load(path, map_location="cpu", weights_only=True)  # refuse pickled objects up front
     except Exception as err:
