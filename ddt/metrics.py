@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 
 from ddt import adm_metrics
-from ddt.batches import STAT_PAIRS, UInt8Images, count_images, image_batches, npz_header, read_reference_stats
+from ddt.batches import (STAT_PAIRS, UInt8Images, as_dataset, count_images, image_batches, npz_header,
+                         read_reference_stats)
 from ddt.checkpoint import atomic_write_bytes
 from ddt.extractors import LOCAL_DINOV2, build_extractor, register_extractors, spatial_layer
 from ddt.models.digits_classifier import file_sha256
@@ -156,17 +157,19 @@ def current_cuda(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path,
+def calculate_metrics(samples: str | Path | torch.Tensor | torch.utils.data.Dataset,
+                      reference: torch.Tensor | torch.utils.data.Dataset | Path,
                       *, feature_extractor: str, weights_path: str | Path, cache_dir: str | Path,
                       reference_name: str = "reference", prc: bool = True, kid: bool = False, isc: bool = True,
                       isc_protocol: str = "adm", batch_size: int = 250, verbose: bool = True,
                       device: torch.device | str | None = None) -> dict[str, float]:
     """The ADM evaluator's FID, sFID, IS, precision, recall (and KID) of samples against a reference.
 
-    samples: a folder of PNGs, an ADM-layout npz (arr_0 uint8 NHWC) or a uint8 NCHW tensor. The
-    reference is images (a uint8 NCHW tensor or a Dataset of uint8 CHW images) or an ADM reference
-    batch npz: FID/sFID then use its mu/sigma and mu_s/sigma_s where present (else statistics of its
-    arr_0), precision/recall/KID its images. Reference activations are cached by content (content_key).
+    samples: a folder of PNGs, an ADM-layout npz (arr_0 uint8 NHWC), a uint8 NCHW tensor or a Dataset of
+    uint8 CHW images (a run's samples: ddt.samples.RunSamples). The reference is images (a uint8 NCHW
+    tensor or a Dataset of uint8 CHW images) or an ADM reference batch npz: FID/sFID then use its
+    mu/sigma and mu_s/sigma_s where present (else statistics of its arr_0), precision/recall/KID its
+    images. Reference activations are cached by content (content_key).
     The extractor runs on `device` (see metrics_device).
     """
     if isc_protocol not in ISC_PROTOCOLS:
@@ -203,7 +206,8 @@ def calculate_metrics(samples: str | Path | torch.Tensor, reference: torch.Tenso
     return metrics
 
 
-def fd_dinov2(samples: str | Path | torch.Tensor, reference: torch.Tensor | torch.utils.data.Dataset | Path, *,
+def fd_dinov2(samples: str | Path | torch.Tensor | torch.utils.data.Dataset,
+              reference: torch.Tensor | torch.utils.data.Dataset | Path, *,
               model: str, weights_path: str | Path, cache_dir: str | Path, reference_name: str = "reference",
               batch_size: int = 250, verbose: bool = True, device: torch.device | str | None = None) -> float:
     """FD-DINOv2: torch-fidelity's FID computed on the DINOv2 CLS features of samples and reference images.
@@ -224,7 +228,7 @@ def fd_dinov2(samples: str | Path | torch.Tensor, reference: torch.Tensor | torc
     try:
         with current_cuda(device):
             metrics = torch_fidelity.calculate_metrics(
-                input1=str(samples) if isinstance(samples, (str, Path)) else UInt8Images(samples),
+                input1=str(samples) if isinstance(samples, (str, Path)) else as_dataset(samples),
                 input1_cache_name=samples_cache_name, input2=_reference_dataset(reference),
                 input2_cache_name=f"{reference_name}-{name}-{content_key(reference)[:16]}-"
                                   f"{file_sha256(weights_path)[:12]}",

@@ -36,8 +36,8 @@ from ddt.images import to_uint8
 from ddt import distributed
 from ddt.distributed import barrier, cache_rank, process_rank
 from ddt.metrics import calculate_metrics, fd_dinov2
-from ddt.samples import (generate_samples, image_grid, read_samples, sample_labels, sample_noise, write_grid,
-                         write_npz)
+from ddt.samples import (RunSamples, generate_samples, image_grid, read_samples, sample_labels, sample_noise,
+                         write_grid, write_npz)
 from ddt.models import DDT, compile_model
 from ddt.sampling import sample, schedule_cost, statistical_schedule, uniform_recompute_steps
 from ddt.tracking import make_tracker, summary_row
@@ -440,17 +440,18 @@ def small_sample_warnings(plain: dict, num_samples: int) -> list[str]:
     return out
 
 
-def _metrics(plain: dict, parts: Parts, samples_dir: Path, device: torch.device) -> dict[str, float]:
+def _metrics(plain: dict, parts: Parts, samples_dir: Path, num_samples: int, device: torch.device) -> dict[str, float]:
     ev = plain["eval"]
-    for warning in small_sample_warnings(plain, sum(1 for _ in samples_dir.glob("*.png"))):
+    images = RunSamples(samples_dir, num_samples)  # exactly the run's images; a folder holding others stops here
+    for warning in small_sample_warnings(plain, num_samples):
         log.warning("%s", warning)
     common = dict(cache_dir=plain["cache_dir"], reference_name=parts.reference_name,
                   batch_size=ev["feature_batch_size"], verbose=plain["progress"], device=device)
-    metrics = calculate_metrics(samples_dir, parts.reference, feature_extractor=parts.extractor["name"],
+    metrics = calculate_metrics(images, parts.reference, feature_extractor=parts.extractor["name"],
                                 weights_path=parts.extractor["weights"], prc=ev["prc"], kid=ev["kid"],
                                 isc_protocol=isc_protocol(plain), **common)
     if parts.dinov2:  # the reference's features are cached by its content and the weights', as Inception's
-        metrics["fd_dinov2"] = fd_dinov2(samples_dir, parts.reference, model=parts.dinov2["name"],
+        metrics["fd_dinov2"] = fd_dinov2(images, parts.reference, model=parts.dinov2["name"],
                                          weights_path=parts.dinov2["weights"], **common)
     return metrics
 
@@ -470,7 +471,7 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
         return
     if stats["rank"] != 0:
         return
-    metrics = _metrics(plain, parts, point_dir / "samples", next(model.parameters()).device)
+    metrics = _metrics(plain, parts, point_dir / "samples", num_samples, next(model.parameters()).device)
     point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": num_samples, "final": False,
              "settings": point_settings(plain, parts.extractor),
              "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
@@ -501,7 +502,7 @@ def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Pa
 def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts, device: torch.device) -> None:
     ev = plain["eval"]
     start = time.perf_counter()  # the sample stage (implied by evaluate) made every image
-    metrics = _metrics(plain, parts, run_dir / "samples", device)
+    metrics = _metrics(plain, parts, run_dir / "samples", ev["num_samples"], device)
     seconds = round(time.perf_counter() - start, 3)
     results.update(metrics=metrics, feature_extractor=parts.extractor,
                    evaluate={"num_samples": ev["num_samples"], "reference": parts.reference_name,

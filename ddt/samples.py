@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from ddt.batches import PngFolder
 from ddt.checkpoint import atomic_write_bytes
+from ddt.errors import UsageError
 from ddt.images import to_uint8
 from ddt.progress import progress as progress_bar
 from ddt.sampling import SamplingStats, sample
@@ -47,6 +49,49 @@ def step_noise_generators(indices: torch.Tensor, seed: int, device: torch.device
     return [torch.Generator(device).manual_seed(STEP_NOISE_STREAM + image_seed(seed, i)) for i in indices]
 
 
+# What counts as an image of a samples folder: any of these next to the run's own would be scored by a
+# scorer reading the folder (torch-fidelity, ADM's npz tools) and mistaken for the run's.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def sample_name(index: int) -> str:
+    """The file name of sample `index` (000000.png ...)."""
+    return f"{index:06d}.png"
+
+
+def refuse_other_images(samples_dir: str | Path, num_samples: int) -> None:
+    """Stop, in one line, when samples_dir holds an image that is not one of the run's num_samples samples."""
+    samples_dir, mine = Path(samples_dir), {sample_name(i) for i in range(num_samples)}
+    if not samples_dir.is_dir():
+        return
+    others = sorted(p.name for p in samples_dir.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES and p.name not in mine)
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise UsageError(f"samples folder {samples_dir} holds {len(others)} image(s) besides the {num_samples} the run "
+                         f"writes ({sample_name(0)} to {sample_name(num_samples - 1)}): {listed}; move them out of "
+                         f"{samples_dir} (or move the folder away to sample afresh) and run the same command again")
+
+
+def sample_paths(samples_dir: str | Path, num_samples: int) -> list[Path]:
+    """The paths of the run's num_samples samples; fails naming the first missing one or any other image."""
+    samples_dir = Path(samples_dir)
+    refuse_other_images(samples_dir, num_samples)
+    paths = [samples_dir / sample_name(i) for i in range(num_samples)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            raise FileNotFoundError(f"sample {path} is missing ({i} of eval.num_samples={num_samples} "
+                                    f"found); run the sample stage first (stage=[sample,evaluate])")
+    return paths
+
+
+class RunSamples(PngFolder):
+    """Exactly the num_samples images a run wrote into samples_dir, in sample order, as uint8 CHW images."""
+
+    def __init__(self, samples_dir: str | Path, num_samples: int):  # not PngFolder's glob: its own list
+        self.paths = sample_paths(samples_dir, num_samples)
+
+
 def write_png(image: np.ndarray, path: Path) -> None:
     """Write an HWC uint8 image as PNG through a temp file and rename."""
     buffer = io.BytesIO()
@@ -62,11 +107,12 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
     """Write samples_dir/{i:06d}.png for this rank's i < num_samples (i ≡ rank mod world_size),
     skipping images already there; returns early (`stopped`) once `stop()` is true after a batch."""
     samples_dir = Path(samples_dir)
+    refuse_other_images(samples_dir, num_samples)  # before any sampling: they would be scored as the run's
     samples_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     labels = sample_labels(num_samples, model.num_classes)
     mine = range(rank, num_samples, world_size)
-    todo = [i for i in mine if not (samples_dir / f"{i:06d}.png").exists()]
+    todo = [i for i in mine if not (samples_dir / sample_name(i)).exists()]
     stats = SamplingStats()
     start, done, stopped = time.perf_counter(), 0, False
     bar = progress_bar(len(mine), "sample", "img", initial=len(mine) - len(todo), enabled=progress)
@@ -80,7 +126,7 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
         images = decode(sample(model, noise, labels[batch].to(device), generator=generators, stats=stats,
                                **sampler_kwargs))
         for i, image in zip(batch.tolist(), images.permute(0, 2, 3, 1).cpu().numpy()):
-            write_png(image, samples_dir / f"{i:06d}.png")
+            write_png(image, samples_dir / sample_name(i))
         bar.update(len(batch))
         done += len(batch)
     bar.close()
@@ -93,16 +139,8 @@ def generate_samples(model: nn.Module, samples_dir: str | Path, *, num_samples: 
 
 
 def read_samples(samples_dir: str | Path, num_samples: int) -> np.ndarray:
-    """The first num_samples PNGs as a uint8 NHWC array; fails naming the first missing file."""
-    samples_dir = Path(samples_dir)
-    images = []
-    for i in range(num_samples):
-        path = samples_dir / f"{i:06d}.png"
-        if not path.exists():
-            raise FileNotFoundError(f"sample {path} is missing ({i} of eval.num_samples={num_samples} "
-                                    f"found); run the sample stage first (stage=[sample,evaluate])")
-        images.append(np.asarray(Image.open(path).convert("RGB")))
-    return np.stack(images)
+    """The run's num_samples PNGs as a uint8 NHWC array; fails naming the first missing file or any other image."""
+    return np.stack([np.asarray(Image.open(path).convert("RGB")) for path in sample_paths(samples_dir, num_samples)])
 
 
 def write_npz(images: np.ndarray, labels: np.ndarray, path: str | Path) -> None:

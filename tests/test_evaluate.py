@@ -197,3 +197,40 @@ def test_the_metrics_run_on_the_given_device_even_with_a_gpu_present(digits, cla
     fd_dinov2(images[:4], images[:4], model="dinov2-vit-s-14", weights_path=classifier[0], cache_dir=cache_dir,
               verbose=False, device=torch.device("cpu"))
     assert fidelity["cuda"] is False
+
+
+def test_scoring_reads_exactly_the_runs_images_and_a_folder_holding_others_stops(compose, tmp_path, monkeypatch):
+    """The final evaluation scores the eval.num_samples images 000000.png ...; an image beside them (a stray
+    extra.png, or 000999.png beyond the count) stops the next command, before any sampling, in one line."""
+    import shutil
+
+    import ddt.runner
+    from ddt.batches import count_images
+    from ddt.errors import UsageError
+    from ddt.runner import run
+    from ddt.samples import RunSamples
+
+    counted, real = [], ddt.runner.calculate_metrics
+    monkeypatch.setattr(ddt.runner, "calculate_metrics",
+                        lambda samples, *a, **kw: counted.append(count_images(samples)) or real(samples, *a, **kw))
+    run_dir = tmp_path / "run"
+    results = run(compose(*TINY_RUN), run_dir)
+    samples = run_dir / "samples"
+    assert counted == [10] and results["evaluate"]["num_samples"] == 10
+    assert [p.name for p in RunSamples(samples, 10).paths] == [f"{i:06d}.png" for i in range(10)]
+    for name in ("extra.png", "000999.png", "photo.JPG"):
+        shutil.copy(samples / "000000.png", samples / name)
+        stamps = {p.name: p.stat().st_mtime_ns for p in samples.glob("*.*[gG]")}  # the images
+        with pytest.raises(UsageError) as refused:
+            run(compose(*TINY_RUN, "stage=evaluate"), run_dir)
+        assert len(refused.value.problems) == 1 and "\n" not in str(refused.value)
+        assert (f"samples folder {samples} holds 1 image(s) besides the 10 the run writes (000000.png to "
+                f"000009.png): {name}; move them out of {samples}") in str(refused.value)
+        assert {p.name: p.stat().st_mtime_ns for p in samples.glob("*.*[gG]")} == stamps  # nothing sampled over them
+        with pytest.raises(UsageError, match=name):  # the scorer's own check, as a stage=evaluate after it would meet
+            RunSamples(samples, 10)
+        (samples / name).unlink()
+    assert len(counted) == 1
+    # A smaller eval.num_samples over the same folder: the images beyond its count are not the run's.
+    with pytest.raises(UsageError, match="holds 2 image\\(s\\) besides the 8 .*: 000008.png, 000009.png;"):
+        RunSamples(samples, 8)
