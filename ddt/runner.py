@@ -94,7 +94,7 @@ def recompute_schedule(model: DDT, plain: dict, cache_path: Path, weights: dict,
         steps = uniform_recompute_steps(n, s["num_recompute"])
         info = {}
     else:
-        key = {**weights, "sampler": s}
+        key = {**weights, "sampler": dict(s)}  # JSON: the typed group as its plain keys
         cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
         if cached.get("key") == key:
             steps, info = cached["recompute_steps"], cached["info"]
@@ -472,13 +472,19 @@ def _curve_point(plain: dict, model: DDT, step: int, run_dir: Path, results: Res
     if stats["rank"] != 0:
         return
     metrics = _metrics(plain, parts, point_dir / "samples", num_samples, next(model.parameters()).device)
-    point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": num_samples, "final": False,
-             "settings": point_settings(plain, parts.extractor),
-             "wall_time_s": round(time.perf_counter() - start, 3), "sample_wall_time_s": stats["wall_time_s"],
-             "world_size": stats["world_size"]}
+    _record_curve_point(plain, parts, results, tracker, step, metrics, num_samples, final=False,
+                        wall_time_s=time.perf_counter() - start, sampled=stats)
+    log.info("curve point at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _record_curve_point(plain: dict, parts: Parts, results: Results, tracker, step: int, metrics: dict,
+                        num_samples: int, *, final: bool, wall_time_s: float, sampled: dict) -> None:
+    """One point of the curve, in results.json and the tracker; `sampled`: the sample stage's stats of its images."""
+    point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": num_samples, "final": final,
+             "settings": point_settings(plain, parts.extractor), "wall_time_s": round(wall_time_s, 3),
+             "sample_wall_time_s": sampled["wall_time_s"], "world_size": sampled["world_size"]}
     record_point(results, point)
     tracker.curve(point)
-    log.info("curve point at step %d: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _fill_curve(plain: dict, run_dir: Path, results: Results, tracker, parts: Parts, steps: list[int],
@@ -511,13 +517,8 @@ def _evaluate(plain: dict, run_dir: Path, results: Results, tracker, parts: Part
                              **({"fd_dinov2_extractor": parts.dinov2} if parts.dinov2 else {})})
     step = (results.data.get("sample") or {}).get("step")
     if step is not None:  # the final point of the curve (an official checkpoint has no step)
-        point = {"step": step, **metrics, "isc_protocol": isc_protocol(plain), "num_samples": ev["num_samples"],
-                 "final": True,
-                 "settings": point_settings(plain, parts.extractor),
-                 "wall_time_s": round(results.data["sample"]["wall_time_s"] + seconds, 3),
-                 "sample_wall_time_s": results.data["sample"]["wall_time_s"],
-                 "world_size": results.data["sample"]["world_size"]}
-        record_point(results, point)
-        tracker.curve(point)
+        sampled = results.data["sample"]
+        _record_curve_point(plain, parts, results, tracker, step, metrics, ev["num_samples"], final=True,
+                            wall_time_s=sampled["wall_time_s"] + seconds, sampled=sampled)
     tracker.summary(metrics)
     log.info("metrics: %s", "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
