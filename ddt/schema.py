@@ -10,6 +10,7 @@ output; a test keeps the two equal).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import sys
@@ -40,21 +41,28 @@ def key(help: str, default: Any = MISSING, later: bool = False, **limits: float)
 
 
 class Group(Mapping):
-    """A config group as the code receives it: typed attributes (`cfg.model.depth`).
+    """A config group as the code receives it: typed attributes (`cfg.model.depth`), a key the YAML left out
+    reading as its schema default.
 
-    Reading a field by its name (`cfg["model"]["depth"]`) still works while the modules move to attributes.
+    Read as a mapping (`cfg["model"]["depth"]`, iteration, `to_dict`), a group holds the keys the composed config
+    gave, as before the typed config: that is what results.json records and config_id hashes, so neither changes
+    for existing runs.
     """
 
+    def _keys(self) -> tuple[str, ...]:
+        given = self.__dict__.get("_given")  # set by from_plain; a group built in code holds every field
+        return self._names() if given is None else given
+
     def __getitem__(self, name: str) -> Any:
-        if name not in self._names():
+        if name not in self._keys():
             raise KeyError(name)
         return getattr(self, name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names())
+        return iter(self._keys())
 
     def __len__(self) -> int:
-        return len(self._names())
+        return len(self._keys())
 
     @classmethod
     def _names(cls) -> tuple[str, ...]:
@@ -62,14 +70,16 @@ class Group(Mapping):
 
     def to_dict(self) -> dict:
         """The plain resolved config (a deep copy), as results.json records it and config_id hashes it."""
-        return dataclasses.asdict(self)
+        return {k: v.to_dict() if isinstance(v, Group) else copy.deepcopy(v) for k, v in self.items()}
 
     @classmethod
     def from_plain(cls, plain: Mapping) -> "Group":
         """The typed group of a resolved config that check_types passed (keys it does not know are left out)."""
         hints = typing.get_type_hints(cls)
-        return cls(**{f.name: hints[f.name].from_plain(plain[f.name]) if f.name in GROUPS and cls is RootSchema
-                      else plain[f.name] for f in dataclasses.fields(cls) if f.name in plain})
+        group = cls(**{f.name: hints[f.name].from_plain(plain[f.name]) if f.name in GROUPS and cls is RootSchema
+                       else plain[f.name] for f in dataclasses.fields(cls) if f.name in plain})
+        group._given = tuple(name for name in cls._names() if name in plain)
+        return group
 
 
 @dataclass(eq=False)  # compared as mappings (Group), also with plain dicts

@@ -1,4 +1,5 @@
 """A checkpoint written by an earlier main (tests/fixtures/main_9983e1e) loads and resumes under today's code."""
+import json
 import shutil
 
 import torch
@@ -31,3 +32,21 @@ def test_a_checkpoint_of_9983e1e_resumes_to_the_weights_9983e1e_reached(tmp_path
     for part in ("model", "ema"):
         for name, tensor in expected[part].items():
             torch.testing.assert_close(resumed[part][name], tensor, rtol=1e-5, atol=1e-7, msg=f"{part}.{name}")
+
+
+def test_runs_of_9983e1e_keep_their_config_id(compose):
+    """config_ids computed by 9983e1e itself (fixture): the typed config hashes the keys the YAML gave, as before."""
+    from ddt.config import config_id, validate
+
+    for point in json.loads((FIXTURE / "config_ids.json").read_text()):
+        assert config_id(validate(compose(*point["overrides"]))) == point["config_id"], point["overrides"]
+
+
+def test_a_quickstart_completed_by_9983e1e_is_not_redone(compose):
+    from ddt.config import stages, validate
+    from ddt.runner import is_completed
+
+    old = json.loads((FIXTURE / "quickstart_results.json").read_text())
+    assert old["config"]["cache_dir"] == ".cache/ddt"  # the default where the fixture was made
+    assert is_completed(old, validate(compose("cache_dir=.cache/ddt")), stages(compose()))
+    assert not is_completed(old, validate(compose("cache_dir=.cache/ddt", "prediction=x")), stages(compose()))

@@ -39,7 +39,8 @@ def test_quickstart_defaults(compose):
     plain = validate(compose())
     assert build_network(plain).config == dict(arch="ddt", in_channels=3, patch_size=4, hidden_size=64, num_heads=4, depth=28,
                                        encoder_depth=22, num_classes=10, norm="rmsnorm", ffn="swiglu", pos="rope",
-                                       qk_norm=True, decoder_hidden_size=None, decoder_num_heads=None)
+                                       qk_norm=True, decoder_hidden_size=None, decoder_num_heads=None,
+                                               prediction="v")
     assert plain["model"]["decoder_depth"] == 6
     assert stages(compose()) == ["train", "sample", "evaluate"]
     assert sampler_kwargs(plain)["num_steps"] == 16
