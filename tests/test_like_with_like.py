@@ -23,7 +23,7 @@ from ddt.config import config_id, validate
 @pytest.fixture
 def plain(compose):
     """The resolved config of a command line (a real composition)."""
-    return lambda *overrides: validate(compose(*overrides))
+    return lambda *overrides: validate(compose(*overrides)).to_dict()  # as results.json records it
 
 
 def write_run(run_dir, config, points, stages=("train", "sample", "evaluate"), config_id_recorded=None):

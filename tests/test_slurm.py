@@ -197,8 +197,10 @@ def test_detached_sweep_submit_and_walk_away(tmp_path, cache_dir, slurm):
     args = ["model.encoder_depth=8,16,22", "train.max_steps=40", *TINY]
     try:
         seconds, first = detached(*args, sweep_dir=tmp_path, name=name)
-        running = job_ids(name)
-        assert "submitted 3 of 3 point(s)" in first.stdout and running, first.stdout  # returned; jobs queued or running
+        # returned, its jobs queued or running (until the scheduler's next pass the whole array is one
+        # pending entry, ID_[0-2], which job_ids leaves out)
+        queued = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True).stdout.split()
+        assert "submitted 3 of 3 point(s)" in first.stdout and queued, first.stdout
         code, now = status(tmp_path)
         assert code == 3 and {p["state"] for p in now["points"]} <= {"pending", "training", "curve", "sampling",
                                                                        "evaluating"}, now
