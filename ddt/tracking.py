@@ -69,6 +69,9 @@ def unflatten(flat: dict[str, Any]) -> dict:
 # The ADM evaluator's five (FID, sFID, IS, precision, recall), then KID and FD-DINOv2 (eval.fd_dinov2)
 METRICS = ("fid", "sfid", "isc_mean", "precision", "recall", "kid_mean", "fd_dinov2")
 CURVE_METRICS = (*METRICS, "isc_std", "kid_std", "f_score", "num_samples")
+# Which way is better for each metric (ddt.halving ranks by it): distances low, IS and coverage high.
+HIGHER_IS_BETTER = {"fid": False, "sfid": False, "isc_mean": True, "precision": True, "recall": True,
+                    "kid_mean": False, "fd_dinov2": False}
 
 
 def eval_row(point: dict) -> dict[str, float]:
@@ -82,7 +85,12 @@ def summary_row(results: dict) -> dict[str, Any]:
     row = {"status": results.get("status"), "step": train.get("step", sample.get("step")),
            "config_id": results.get("config_id")}
     row.update({k: v for k, v in (results.get("metrics") or {}).items() if k in METRICS})
-    for stage, keys in (("train", ("images_per_s", "wall_time_s", "final_loss")),
+    final = [p for p in results.get("curve") or [] if p.get("final")]
+    samples = (results.get("evaluate") or {}).get("num_samples", final[-1].get("num_samples") if final else None)
+    if samples is not None:  # the images behind the metrics: FIDs of other counts are not comparable
+        row["num_samples"] = samples
+    # train.wall_time_s is the last session's; train.total_wall_time_s the run's over every session (resumes)
+    for stage, keys in (("train", ("images_per_s", "wall_time_s", "total_wall_time_s", "final_loss")),
                         ("sample", ("images_per_s", "wall_time_s", "num_recompute", "sharing_ratio", "nfe_per_image",
                                     "encoder_passes_per_image", "decoder_passes_per_image"))):
         stats = results.get(stage) or {}
