@@ -164,3 +164,17 @@ def test_rung_table_shows_values_decisions_and_reasons():
     assert "blocked: b-s1 cancelled" in rung_table([blocked])
     assert "(one seed)" in rung_table([decide_rung([run("a", 0, 1.0), run("b", 0, 2.0)], RUNG)])
     assert not math.isnan(first.cut)
+
+
+def test_runs_as_the_runner_writes_them_group_by_config_id(tmp_path):
+    from ddt.config import config_id
+    from test_analysis_stats import results_json  # nested config, curve at 100/200/300, seeds x, x + 2, x + 7
+
+    runs = [results_json(depth, seed, tmp_path / f"d{depth}-s{seed}") for depth in (8, 22) for seed in range(3)]
+    d = decide_rung(runs, 200, eta=3)  # FID 200/202/207 (split 8) against 120/122/127 (split 22)
+    eight, twenty_two = (config_id(results_json(depth, 0, tmp_path)["config"]) for depth in (8, 22))
+    assert (d.num_samples, d.n, d.keep, d.kept, d.pruned) == (200, 2, 1, [twenty_two], [eight])
+    ci = 4.302652729911275 * math.sqrt(13) / math.sqrt(3)  # t(0.975, 2) * std{0, 2, 7} / sqrt(3)
+    c = by_id(d)[eight]
+    assert (c.value, c.n, c.seeds, c.rule) == (pytest.approx(203.0), 3, [0, 1, 2], "cut")
+    assert c.ci95 == pytest.approx(ci) and c.runs == ["d8-s0", "d8-s1", "d8-s2"]
