@@ -77,6 +77,26 @@ def common_step(curves: pd.DataFrame, metric: str = "fid", by: str = "config_id"
     return Place(int(step), None if n == "<missing>" else int(n), rows, left_out)
 
 
+def step_groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """The rows split by (step, sample count behind their metrics), each with `step 60, 100 samples per FID`;
+    rows of two groups are never in one table, since their numbers are not comparable."""
+    if df.empty:
+        return []
+    step = df["step"] if "step" in df else pd.Series(None, index=df.index, dtype=object)
+    count = df["num_samples"] if "num_samples" in df else pd.Series(None, index=df.index, dtype=object)
+    keys = [(_int_or_none(s), _int_or_none(n)) for s, n in zip(step, count)]
+    out = []
+    for key in sorted(set(keys), key=lambda k: (k[0] is None, k[0] or 0, k[1] is None, k[1] or 0)):
+        rows = df[[k == key for k in keys]]
+        where = Place(*key, rows).heading() if key[0] is not None else "step not recorded"
+        out.append((where + ("" if key[1] is not None else ", sample count not recorded"), rows))
+    return out
+
+
+def _int_or_none(value) -> int | None:
+    return None if value is None or pd.isna(value) else int(value)
+
+
 def sampler_studies(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFrame]]:
     """(heading, table, runs) per set of runs that sample the same weights (checkpoint file and step) with
     different sampler settings; the table has a column for every sampler setting that differs."""

@@ -141,19 +141,31 @@ def best_split_table(df: pd.DataFrame) -> pd.DataFrame:
                      "best split": split_name(best["model.encoder_depth"], depth),
                      "FID": format_stat(best["fid_mean"], best["fid_ci95"], best["fid_n"]),
                      "IS": format_stat(best["isc_mean_mean"], best["isc_mean_ci95"], best["isc_mean_n"]),
-                     "step": best["step"]})
+                     "step": best["step"], "samples": _count(best.get("num_samples"))})
     return pd.DataFrame(rows)
 
 
-RATIO_TABLE_METRICS = (*METRICS, "train.wall_time_s")
+# The run's training time over all of its sessions (train.wall_time_s is the last session's alone).
+RATIO_TABLE_METRICS = (*METRICS, "train.total_wall_time_s")
+
+
+def _count(value) -> int | None:
+    """A sample count as an int (None where not recorded)."""
+    return None if value is None or pd.isna(value) else int(value)
+
+
+def samples_column(agg: pd.DataFrame) -> pd.Series:
+    """The number of samples behind each row's metrics (`samples`; None where not recorded)."""
+    values = agg["num_samples"] if "num_samples" in agg else pd.Series(None, index=agg.index, dtype=object)
+    return pd.Series([_count(v) for v in values], index=agg.index, dtype=object, name="samples")
 
 
 def ratio_table(df: pd.DataFrame) -> pd.DataFrame:
-    """FID / IS / KID / precision / recall by model size and encoder depth: `mean ± ci95 (n=N)` for a
-    setting with several seeds, the plain number for one."""
+    """FID / IS / KID / precision / recall by model size and encoder depth, with the step and sample count
+    behind them: `mean ± ci95 (n=N)` for a setting with several seeds, the plain number for one."""
     agg = ensure_aggregated(df, RATIO_TABLE_METRICS)
     columns = [c for c in ("model.preset", "model.encoder_depth", "step") if c in agg]
-    return pd.concat([agg[columns], format_stats(agg, RATIO_TABLE_METRICS)], axis=1)
+    return pd.concat([agg[columns], samples_column(agg), format_stats(agg, RATIO_TABLE_METRICS)], axis=1)
 
 
 def curve_table(curves: pd.DataFrame, metrics: Sequence[str] = ("fid", "isc_mean", "kid_mean")) -> pd.DataFrame:
@@ -163,7 +175,7 @@ def curve_table(curves: pd.DataFrame, metrics: Sequence[str] = ("fid", "isc_mean
         return pd.DataFrame()
     split = [split_name(e, d) for e, d in zip(agg["model.encoder_depth"], agg["model.depth"])]
     table = pd.DataFrame({"model": agg["model.preset"], "split": split, "step": agg["step"]}, index=agg.index)
-    return pd.concat([table, format_stats(agg, metrics)], axis=1)
+    return pd.concat([table, samples_column(agg), format_stats(agg, metrics)], axis=1)
 
 
 # The columns of the paper's tables (Table 2, Table 5): the ADM evaluator's five metrics.
@@ -186,7 +198,7 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     table = pd.DataFrame({"model": [_model_label(row) for row in agg.to_dict("records")], "step": agg.get("step")},
                          index=agg.index)
-    table = pd.concat([table, format_stats(agg, PAPER_METRICS).rename(columns=PAPER_METRICS)], axis=1)
+    table = pd.concat([table, samples_column(agg), format_stats(agg, PAPER_METRICS).rename(columns=PAPER_METRICS)], axis=1)
     paper = [published(row) or {} for row in agg.to_dict("records")]
     for key, name in (("paper_fid", "paper FID"), ("paper_isc", "paper IS"), ("paper_row", "paper row")):
         table[name] = [p.get(key) for p in paper]

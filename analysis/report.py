@@ -18,6 +18,10 @@ same config_id, seed and weights count once (analysis.results says which).
 
     python -m analysis.report runs/quickstart --query "`train.max_steps` == 60"
 
+Every table shows the step and the sample count behind its numbers; the tables of all runs (`runs`, the
+paper layout) come one per (step, sample count). A promised figure (encoder_ratio.png, fid_vs_step.png)
+the runs cannot give is named under `figures not drawn`, with why.
+
 The report ends with each folder's status table (ddt.status: state, step, ETA, SLURM jobs, device-hours).
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.html_page import Section, write_page
-from analysis.compare import RATIO_AXIS, Place, common_step, sampler_studies, studies
+from analysis.compare import RATIO_AXIS, Place, common_step, sampler_studies, step_groups, studies
 from analysis.results import curves_of, load_curves, load_runs, load_wandb, load_wandb_curves
 from analysis.stats import aggregate, separated, separation_lines
 from ddt.status import folder_problem
@@ -103,6 +107,55 @@ def _study_curves(curves: pd.DataFrame | None, runs: pd.DataFrame) -> pd.DataFra
     return plots.ratio_rows(curves_of(curves, runs))
 
 
+PAPER_HEADING = ("paper layout at {at} (ADM evaluator: FID, sFID, IS, precision, recall), published numbers "
+                 "where a paper row matches")
+# The figures the README promises in <sweep>/analysis/: each is drawn, or named with why it is not.
+PROMISED_FIGURES = ("encoder_ratio", "fid_vs_step")
+
+
+def grouped_sections(heading: str, df: pd.DataFrame, table) -> list[Section]:
+    """`table(rows)` for the runs of each (step, sample count) on its own, `heading` formatted with `at`."""
+    sections = []
+    for at, rows in step_groups(df):
+        content = table(rows)
+        if len(content):
+            sections.append((heading.format(at=at), content))
+    return sections
+
+
+def groups_note(df: pd.DataFrame) -> list[Section]:
+    """A section naming the (step, sample count) groups of the runs when there are several (else none)."""
+    groups = step_groups(df)
+    if len(groups) < 2:
+        return []
+    lines = [f"{at}: {len(rows)} run(s): {', '.join(map(str, rows['run'])) if 'run' in rows else ''}".rstrip(": ")
+             for at, rows in groups]
+    return [(f"these runs are at {len(groups)} different (step, samples per FID): each group has tables of its own, "
+             "never compared with another's (pick one with --query, e.g. \"`step` == 60 and `num_samples` == 100\")",
+             lines)]
+
+
+def undrawn_figures(df: pd.DataFrame, figures: dict[str, Path], where: str) -> list[str]:
+    """One line per promised figure (PROMISED_FIGURES) the runs did not give, naming it and why."""
+    missing = [name for name in PROMISED_FIGURES if not any(k == name or k.startswith(f"{name}_") for k in figures)]
+    if not missing:
+        return []
+    trained = plots.ratio_rows(df) if len(df) else df
+    depths = sorted({int(d) for d in trained.get("model.encoder_depth", pd.Series(dtype=float)).dropna()})
+    if df.empty:
+        why = f"no completed run in {where}"
+    elif not depths:
+        why = f"no run in {where} trained a DDT (only sampling runs of a given checkpoint)"
+    elif len(depths) == 1:
+        why = (f"only one encoder_depth ({depths[0]}) in {where}; a sweep such as "
+               "`python launch.py -m model.encoder_depth=8,16,22` gives one")
+    else:
+        why = (f"the encoder depths in {where} ({', '.join(map(str, depths))}) belong to different studies, none "
+               "with two of them (the studies are listed above)")
+    about = {"fid_vs_step": " (drawn for each study of two or more encoder depths)"}
+    return [f"{name}.png not drawn: {why}{about.get(name, '')}" for name in missing]
+
+
 def status_sections(sweep_dirs: list[Path]) -> list[Section]:
     """Where each sweep stands (ddt.status's table: states, steps, ETA, SLURM jobs, device-hours)."""
     from ddt.status import sweep_status, table
@@ -116,18 +169,21 @@ def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = 
     figures: dict[str, Path] = {}
     pd.set_option("display.width", 200)
     status = status_sections(list(sweep_dirs))
+    where = ", ".join(map(str, sweep_dirs)) or "these runs"
     if df.empty:
         for heading, lines in status:
             print(f"== {heading} ==\n" + "\n".join(lines))
         print("no completed runs")
+        print("\n".join(undrawn_figures(df, figures, where)))
         return figures
     sections = study_sections(df, curves, out_dir, figures)
-    if not sections:  # one setting, or nothing that varies along a studied axis: the runs as they are
-        sections.append(("runs", plots.ratio_table(df)))
-    paper = plots.paper_table(df)
-    if len(paper):
-        sections.append(("paper layout (ADM evaluator: FID, sFID, IS, precision, recall), published numbers "
-                         "where a paper row matches", paper))
+    sections += groups_note(df)  # the tables below hold every run: one table per (step, sample count)
+    if not any(heading.startswith(("encoder/decoder ratio", "sampling")) for heading, _ in sections):
+        sections += grouped_sections("runs at {at}", df, plots.ratio_table)  # no study: the runs as they are
+    sections += grouped_sections(PAPER_HEADING, df, plots.paper_table)
+    undrawn = undrawn_figures(df, figures, where)
+    if undrawn:
+        sections.append(("figures not drawn", undrawn))
     sections = [(heading, content.rename(columns=UNITS) if isinstance(content, pd.DataFrame) else content)
                 for heading, content in sections + status]
     for heading, content in sections:

@@ -9,7 +9,7 @@
 Both run loaders give the same columns: the resolved config flattened to dotted keys
 (`model.encoder_depth`, `sampler.sharing`, ...), the headline numbers of `ddt.tracking.summary_row`
 (`fid`, `isc_mean`, `kid_mean`, `precision`, `recall`, `fd_dinov2` where evaluated, `step`, `config_id`,
-`train.*`, `sample.*`), and `run` / `group`. The curve loaders (`load_curves`, `wandb_curves`,
+`train.*`, `sample.*`), `num_samples` (the images behind the metrics), and `run` / `group`. The curve loaders (`load_curves`, `wandb_curves`,
 `load_wandb_curves`) give the config columns and run names, then one row per evaluation point:
 `step`, the metrics, `num_samples`, `wall_time_s`, `final`. A results.json without a "curve" (written
 before curves existed) counts as one point, its final metrics at its step. `aggregate` and `separated`
@@ -39,6 +39,13 @@ def run_row(results: dict) -> dict:
     row = flatten(results.get("config") or {})
     row.update(summary_row(results))
     row.update(_run_names(results), config_id=identity(results))
+    return _with_sample_count(row)
+
+
+def _with_sample_count(row: dict) -> dict:
+    """The row with `num_samples` (images behind its metrics); a record without it has the configured count."""
+    if row.get("num_samples") is None and row.get("eval.num_samples") is not None:
+        row["num_samples"] = row["eval.num_samples"]
     return row
 
 
@@ -136,7 +143,7 @@ def wandb_rows(runs: Iterable, quiet: bool = False) -> pd.DataFrame:
         row = _wandb_setting(run)
         row.update({k: v for k, v in dict(run.summary).items() if not k.startswith("_") and "/" not in k})
         row.update(_wandb_names(run), config_id=identity(results))
-        rows.append(row)
+        rows.append(_with_sample_count(row))
     return sort_by_setting(pd.DataFrame(rows))
 
 

@@ -27,7 +27,8 @@ RUN_COLUMNS = ("run", "run_dir", "wandb_id", "group", "status", "config_id")
 RESULT_COLUMNS = ("final", "num_samples", "isc_std", "kid_std", "f_score")
 RESULT_SUFFIXES = ("wall_time_s", "images_per_s", "final_loss")  # timing, throughput, training loss
 RESULT_PREFIXES = ("curve_cost.",)
-CARRIED_RUN_COLUMNS = ("group", "config_id")  # kept in the aggregate when the whole group shares them
+# kept in the aggregate when the whole group shares them (num_samples: the images behind the metrics)
+CARRIED_RUN_COLUMNS = ("group", "config_id", "num_samples")
 STATS = ("mean", "std", "ci95", "n")
 SORT_COLUMNS = ("model.preset", "model.encoder_depth", "sampler.sharing", "sampler.num_recompute")
 PAIR_COLUMNS = ("a", "b", "mean_a", "ci95_a", "n_a", "mean_b", "ci95_b", "n_b", "differ", "verdict")

@@ -6,8 +6,10 @@
 
 Each point's state comes from its ledger (ddt.ledger, written by the run and by the launcher that
 submitted it): not_started, pending, training, curve, sampling, evaluating, completed, failed,
-interrupted or cancelled. Wall time counts from the first submission; `queued` is the part of it spent
-waiting (each submission or requeue up to the run's next state). A point whose ledger says it is
+interrupted or cancelled. Wall time is the sum over the run's sessions, each from its submission (or first
+state) to the state that ended it (completed, failed, interrupted), the time between sessions left out (a run
+completed, then extended a week later); `queued` is the part of it spent waiting (each submission or requeue
+up to the run's next state). A point whose ledger says it is
 running is checked against SLURM (sacct, else squeue) or, without SLURM, against its process on this
 host, so a job that vanished (scancel, node failure, time limit, OOM kill) shows as cancelled, failed
 or interrupted, not as running forever.
@@ -129,6 +131,25 @@ def queued_seconds(submissions: list[dict], events: list[dict], state: str, now:
     return queued
 
 
+ENDED_STATES = ("completed", "failed", "interrupted")  # a ledger state that ends a session of the run
+
+
+def wall_seconds(submissions: list[dict], events: list[dict], state: str, now: float) -> float | None:
+    """Wall time of a point over its sessions: each from its submission or first state to the state that
+    ended it (or to now while it is pending or running); None for a point with no record yet."""
+    marks = sorted([(_when(s), 0, "submitted") for s in submissions] + [(_when(e), 1, e["state"]) for e in events])
+    if not marks:
+        return None
+    total, since = 0.0, None
+    for when, _, what in marks:
+        since = when if since is None else since
+        if what in ENDED_STATES:
+            total, since = total + max(when - since, 0.0), None
+    if since is not None:
+        total += max((now if state in ACTIVE else marks[-1][0]) - since, 0.0)
+    return total
+
+
 def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = None) -> dict:
     """One point's row: state, progress, last metrics, wall and queue time, ETA, SLURM jobs, error and log."""
     now = time.time() if now is None else now
@@ -181,8 +202,7 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
         rate = train["step"] / train["total_wall_time_s"]
     curve = results.get("curve") or []
     metrics = {k: v for k, v in (curve[-1] if curve else results.get("metrics") or {}).items() if k in SHOWN_METRICS}
-    first = min([_when(e) for e in events[:1]] + [_when(s) for s in submissions[:1]], default=None)
-    end = now if state in ACTIVE else max([_when(e) for e in events[-1:]], default=first)
+    wall = wall_seconds(submissions, events, state, now)
     eta = (max_steps - step) / rate if state in ("training", "curve") and rate and max_steps and step is not None else None
     log_path = (submitted or {}).get("log") or str(Path(point["run_dir"]) / "launch.log")
     cost = results.get("device_hours") or (device_hours(results) if results.get("train") else {})
@@ -196,7 +216,7 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
     queued = queued_seconds(submissions, events, state, now)
     return {"run_dir": point["run_dir"], "state": state, "step": step, "max_steps": max_steps,
             "steps_per_s": rate, "metrics": metrics, "metrics_step": (curve[-1]["step"] if curve else step) if metrics
-            else None, "wall_time_s": round(end - first, 1) if first else None,
+            else None, "wall_time_s": round(wall, 1) if wall is not None else None,
             "queued_s": None if queued is None else round(queued, 1),
             "eta_s": round(eta, 1) if eta is not None else None, "slurm_job_ids": jobs, "slurm_state": slurm_state,
             "host": (last or {}).get("host"), "error": error.splitlines()[0] if error else None,
