@@ -117,9 +117,12 @@ def sampler_studies(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame, pd.DataFr
 
 
 def sampler_table(runs: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """The sampler settings that differ (`columns`) and each setting's metrics, mean ± ci95 over seeds."""
+    """The sampler settings that differ (`columns`), the samples behind each FID and each setting's metrics,
+    mean ± ci95 over seeds."""
     metrics = [m for m in SAMPLER_METRICS if m in runs and pd.to_numeric(runs[m], errors="coerce").notna().any()]
     agg = aggregate(runs, metrics=metrics)
+    from analysis.plots import samples_column  # matplotlib only where a table is drawn
+
     shown = [*columns, *(c for c in ("sample.sharing_ratio",) if c in agg)]
-    return pd.concat([agg[shown].rename(columns=lambda c: c.removeprefix(SAMPLER_PREFIX)),
+    return pd.concat([agg[shown].rename(columns=lambda c: c.removeprefix(SAMPLER_PREFIX)), samples_column(agg),
                       format_stats(agg, metrics)], axis=1)

@@ -16,7 +16,7 @@ from analysis.report import main as report_main
 from conftest import ROOT
 from ddt.ledger import Ledger
 from ddt.status import sweep_status, table
-from test_like_with_like import plain, write_run  # noqa: F401  (plain: the fixture composing a real config)
+from test_like_with_like import plain, walkthrough, write_run  # noqa: F401  (fixtures: a real composed config)
 
 
 def with_train(run_dir, **train):
@@ -74,6 +74,17 @@ def test_runs_of_another_step_or_sample_count_are_never_in_one_table(mixed, tmp_
     assert "== runs ==" not in "".join(printed)  # no table mixing the two
     page = (tmp_path / "out" / "report.html").read_text()
     assert "runs at step 60, 100 samples per FID" in page and "<th>samples</th>" in page
+
+
+def test_every_table_of_the_readme_walkthrough_shows_step_and_samples(walkthrough, tmp_path, monkeypatch, capsys):
+    """The tables that compare at one place (ratio, best split, sampling, curve) say it as columns too."""
+    printed = sections(report_of(walkthrough, tmp_path / "out", monkeypatch, capsys))
+    tables = [h for h in printed if h.startswith(("encoder/decoder ratio", "best split", "sampling", "FID vs",
+                                                   "paper layout"))]
+    assert len(tables) >= 6, list(printed)
+    for heading in tables:
+        header = printed[heading].strip().splitlines()[0].split()
+        assert "samples" in header and ("step" in header or "step" in heading), (heading, header)
 
 
 def test_the_report_shows_the_wall_time_of_every_session_and_status_sums_sessions(mixed, tmp_path, monkeypatch,
