@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.errors import UsageError
-from ddt.schema import RootSchema, check_types, later_keys
+from ddt.schema import RootSchema, check_types, decoder_depth, has_encoder, head_problems, later_keys, split_problem
 
 if TYPE_CHECKING:
     from torch import nn
@@ -51,11 +51,6 @@ def how_it_ran(key: str) -> bool:
     """Whether a dotted key (`train.log_every`, `+cluster`, `logger.mode`) only says how or where a run ran."""
     key = key.lstrip("+~")
     return any(key == k or key.startswith(f"{k}.") for k in HOW_IT_RAN_KEYS)
-
-
-def _decoder_depth(depth: int, encoder_depth: int) -> int:
-    """`${ddt.decoder_depth:...}`: depth - encoder_depth (validate says when that is impossible)."""
-    return int(depth) - int(encoder_depth)
 
 
 def _depth(encoder_depth: int, decoder_depth: int) -> int:
@@ -111,7 +106,7 @@ def _required(key: str, what: str) -> None:
 
 def register_resolvers() -> None:
     """Resolvers the config files use: ddt.decoder_depth, ddt.depth, ddt.run_subdir, ddt.required (idempotent)."""
-    for name, fn in (("ddt.decoder_depth", _decoder_depth), ("ddt.depth", _depth), ("ddt.run_subdir", run_subdir),
+    for name, fn in (("ddt.decoder_depth", decoder_depth), ("ddt.depth", _depth), ("ddt.run_subdir", run_subdir),
                      ("ddt.required", _required)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
@@ -186,17 +181,15 @@ def validate(cfg: DictConfig) -> RootSchema:
 def check_model(plain: dict) -> Iterator[str]:
     """The depth split, the patch grid and the head width."""
     model, res = plain["model"], plain["resolution"]
-    if not 0 < model["encoder_depth"] < model["depth"]:
-        yield (f"model.encoder_depth={model['encoder_depth']} is impossible for model.depth={model['depth']}: "
-               f"it must be between 1 and {model['depth'] - 1} so that the decoder keeps at least one block")
+    if split := split_problem(model["depth"], model["encoder_depth"]):
+        yield split
     if res["latent_size"] % model["patch_size"]:
         yield (f"resolution.latent_size={res['latent_size']} is not divisible by model.patch_size="
                f"{model['patch_size']}; pick another patch size or resolution")
     sizes = [("", model["hidden_size"], model["num_heads"])]  # (key prefix, width, heads): encoder, decoder
     decoder = {k: model[k] for k in ("decoder_hidden_size", "decoder_num_heads") if model.get(k) is not None}
-    if decoder and model["arch"] != "ddt":
-        yield from (f"model.{k}={v} sizes a DDT's decoder; model.arch={model['arch']} has none: "
-                    f"set model.{k}=null" for k, v in decoder.items())
+    if headless := head_problems(model["arch"], model.get("decoder_hidden_size"), model.get("decoder_num_heads")):
+        yield from headless
     elif decoder:
         sizes.append(("decoder_", decoder.get("decoder_hidden_size", model["hidden_size"]),
                       decoder.get("decoder_num_heads", model["num_heads"])))
@@ -229,7 +222,7 @@ def check_sampler(plain: dict) -> Iterator[str]:
                f"(guidance where low < t < high), e.g. [0.3,1.0]")
     if s["solver"] == "sde" and s.get("sde_diffusion") is None:
         yield "sampler.solver=sde needs sampler.sde_diffusion; select sampler=sde, which sets it"
-    if s["sharing"] != "none" and plain["model"]["arch"] != "ddt":
+    if s["sharing"] != "none" and not has_encoder(plain["model"]["arch"]):
         yield (f"sampler.sharing={s['sharing']} reuses the condition encoder of a DDT; "
                f"model.arch={plain['model']['arch']} has none: use sampler.sharing=none")
     elif s["sharing"] != "none" and not (s["num_recompute"] is not None and 1 <= s["num_recompute"] <= s["num_steps"]):

@@ -282,6 +282,40 @@ def later_keys() -> dict[str, Any]:
 
 
 #################################################################################
+#     The model's rules: the config's checks and the network both use these     #
+#################################################################################
+
+ENCODER_ARCHS = ("ddt",)  # the archs with a condition encoder (blocks[:encoder_depth]); sit has none
+
+
+def has_encoder(arch: str) -> bool:
+    """Whether `model.arch` has a condition encoder whose output s the decoder reads (ddt: yes, sit: no)."""
+    return arch in ENCODER_ARCHS
+
+
+def decoder_depth(depth: int, encoder_depth: int) -> int:
+    """The decoder's blocks, depth - encoder_depth (conf/model's `${ddt.decoder_depth:...}`, `DDT.decoder_depth`)."""
+    return int(depth) - int(encoder_depth)
+
+
+def split_problem(depth: int, encoder_depth: int) -> str | None:
+    """The line naming an impossible depth split (the decoder keeps at least one block), or None."""
+    if 0 < encoder_depth < depth:
+        return None
+    return (f"model.encoder_depth={encoder_depth} is impossible for model.depth={depth}: "
+            f"it must be between 1 and {depth - 1} so that the decoder keeps at least one block")
+
+
+def head_problems(arch: str, decoder_hidden_size: int | None, decoder_num_heads: int | None) -> list[str]:
+    """One line per decoder-head key set on an arch without a condition encoder (it has no decoder to size)."""
+    if has_encoder(arch):
+        return []
+    return [f"model.{k}={v} sizes a DDT's decoder; model.arch={arch} has none: set model.{k}=null"
+            for k, v in (("decoder_hidden_size", decoder_hidden_size), ("decoder_num_heads", decoder_num_heads))
+            if v is not None]
+
+
+#################################################################################
 #                                Type checks                                    #
 #################################################################################
 

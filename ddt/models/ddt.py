@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ddt.schema import decoder_depth, has_encoder, head_problems, split_problem
+
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x·(1 + scale) + shift; shift and scale per sample (B, 1, D) or per token (B, N, D)."""
@@ -348,7 +350,12 @@ class _Transformer(nn.Module):
     decoder_num_heads; None (stored when equal to the encoder's) means hidden_size and num_heads.
     """
 
-    decoupled = False  # whether the model has a condition encoder whose output s can be reused
+    arch: str  # the subclass's model.arch
+
+    @property
+    def decoupled(self) -> bool:
+        """Whether the model has a condition encoder whose output s can be reused (ddt.schema.has_encoder)."""
+        return has_encoder(self.arch)
 
     def __init__(self, *, in_channels: int, patch_size: int, hidden_size: int, num_heads: int, depth: int,
                  num_classes: int, norm: str = "rmsnorm", ffn: str = "swiglu", pos: str = "rope",
@@ -360,10 +367,8 @@ class _Transformer(nn.Module):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r} is unknown; use one of {sorted(PREDICTIONS)}")
         self.prediction = prediction  # the loss and every sampler see velocities (forward converts)
-        if not self.decoupled and (decoder_hidden_size or decoder_num_heads):
-            raise ValueError(f"model.decoder_hidden_size={decoder_hidden_size} and model.decoder_num_heads="
-                             f"{decoder_num_heads} size a DDT's decoder; model.arch={self.arch} has none: "
-                             f"leave them null")
+        if headless := head_problems(self.arch, decoder_hidden_size, decoder_num_heads):
+            raise ValueError("; ".join(headless))
         self.in_channels, self.patch_size = in_channels, patch_size
         self.hidden_size, self.num_heads, self.depth = hidden_size, num_heads, depth
         self.decoder_hidden_size = decoder_hidden_size if decoder_hidden_size != hidden_size else None
@@ -472,13 +477,12 @@ def _constructor_defaults() -> dict:
 class DDT(_Transformer):
     """Condition encoder (blocks[:encoder_depth]) + velocity decoder (blocks[encoder_depth:])."""
 
-    arch, decoupled = "ddt", True
+    arch = "ddt"
 
     def __init__(self, *, encoder_depth: int, **kwargs):
         super().__init__(encoder_depth=encoder_depth, **kwargs)
-        if not 0 < encoder_depth < self.depth:
-            raise ValueError(f"encoder_depth={encoder_depth} must be between 1 and depth-1={self.depth - 1} "
-                             f"(the decoder needs at least one block)")
+        if split := split_problem(self.depth, encoder_depth):
+            raise ValueError(split)
         self.encoder_depth = encoder_depth
         width = self.decoder_size[0]  # s enters a wider (or narrower) head through one linear map, as RAE's
         self.s_projector = nn.Linear(self.hidden_size, width) if width != self.hidden_size else nn.Identity()
@@ -486,7 +490,8 @@ class DDT(_Transformer):
 
     @property
     def decoder_depth(self) -> int:
-        return self.depth - self.encoder_depth
+        """The decoder's blocks (ddt.schema.decoder_depth, as the config derives model.decoder_depth)."""
+        return decoder_depth(self.depth, self.encoder_depth)
 
     def _encode(self, x: torch.Tensor, patches: torch.Tensor, t_emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = F.silu(t_emb + self.y_embedder(y)[:, None])  # (B, 1, D), one condition per sample
