@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from analysis.results import load_runs
 from conftest import ROOT, launch
 from ddt import checkpoint
 from ddt.config import names_run, old_run_subdir, run_subdir
@@ -66,6 +67,11 @@ def test_extending_a_completed_run_continues_it_in_its_folder_to_bit_equal_weigh
     hours = after["device_hours"]
     assert hours["count"] == 1 and hours["device_type"] == "cpu" and hours["train"] > 0
     assert abs(hours["train"] - after["train"]["total_wall_time_s"] / 3600) < 1e-6
+    # the run's training time is both sessions' (the report's column), wall_time_s the extension's alone; the
+    # first session's part is what its last.pt recorded, i.e. without that file's own write
+    first_part = after["train"]["total_wall_time_s"] - after["train"]["wall_time_s"]
+    assert 0.5 * before["train"]["total_wall_time_s"] < first_part <= before["train"]["total_wall_time_s"] + 0.01
+    assert load_runs(tmp_path / "extended")["train.total_wall_time_s"].tolist() == [after["train"]["total_wall_time_s"]]
     assert abs(hours["total"] - sum(hours[k] for k in ("train", "curve", "sample", "evaluate"))) < 1e-5
 
     code, status = status_json(tmp_path / "extended")  # a local sweep: no SLURM anywhere
