@@ -23,7 +23,7 @@ import torch
 from benchmarks.common import machine, sync, write_folder
 from ddt.data.imagenet import ImageFolder
 from ddt.data.latents import LatentDataset, cache_latents
-from ddt.models import build_ddt
+from ddt.config import build_ddt, model_group
 from ddt.models.repa import RepaLoss, TargetEncoder
 from ddt.models.vae import LatentCodec
 from ddt.objective import Objective
@@ -104,7 +104,7 @@ def bench_repa(args, device: torch.device, tmp: Path) -> dict:
     autocast = torch.bfloat16 if device.type == "cuda" else None
     plain = Objective(scaling_factor=0.18215)
     target = TargetEncoder("vit_base_patch14_dinov2", str(weights), grid_size=latent // 2)
-    align = 4 if args.model in ("S", "B") else 8
+    align = model_group(args.model)["repa_align_layer"]  # conf/model's block for this size
     repa = Objective(scaling_factor=0.18215, repa=RepaLoss(target, hidden_size=model.hidden_size,
                                                            align_layer=align)).to(device)
     without = step_time(model, plain, batch, device, args.steps, autocast)

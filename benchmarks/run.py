@@ -32,6 +32,7 @@ import torch
 
 from benchmarks.common import machine, sync
 from benchmarks.flops import count_flops, model_flops
+from ddt.config import model_group
 from ddt.train import cpu_has_bf16_units
 
 RESULTS = Path(__file__).parent / "results"
@@ -483,17 +484,21 @@ MEASURE = {"train": measure_train, "precision": measure_precision, "official": m
 #                                     Suites                                    #
 #################################################################################
 
-def _spec(depth: int, hidden_size: int, num_heads: int, encoder_depth: int, *, in_channels: int = 4,
-          patch_size: int = 2, num_classes: int = 1000) -> dict:
-    return dict(in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, num_heads=num_heads,
-                depth=depth, encoder_depth=encoder_depth, num_classes=num_classes)
+SPEC_KEYS = ("in_channels", "patch_size", "hidden_size", "num_heads", "depth", "encoder_depth", "num_classes")
 
 
-QUICKSTART = _spec(28, 64, 4, 22, in_channels=3, patch_size=4, num_classes=10)  # conf/model/quickstart, 16 px
+def preset_spec(preset: str, **overrides) -> dict:
+    """A row's model: the network arguments of a conf/model preset (ddt.config.model_group) with `overrides`."""
+    group = model_group(preset, **overrides)
+    return {k: group[k] for k in SPEC_KEYS}
+
+
+DIGITS = dict(in_channels=3, num_classes=10)  # the quickstart's data (resolution=r16, data=digits)
+QUICKSTART = preset_spec("quickstart", **DIGITS)  # 16 px
 QUICKSTART_64_TOKENS = {**QUICKSTART, "patch_size": 2}  # the issue's overhead-bound shape
-S, B, XL = _spec(12, 384, 6, 8), _spec(12, 768, 12, 8), _spec(28, 1152, 16, 22)
-S_10EN2DE = _spec(12, 384, 6, 10)
-TINY = _spec(4, 32, 2, 2, in_channels=3, patch_size=4, num_classes=10)
+S, B, XL = preset_spec("S"), preset_spec("B"), preset_spec("XL")
+S_10EN2DE = preset_spec("S", encoder_depth=10)
+TINY = preset_spec("quickstart", **DIGITS, depth=4, encoder_depth=2, hidden_size=32, num_heads=2)
 
 
 def _train_rows(models: list[tuple[str, dict, int, int]], precision: str, steps: int, compile_too: bool,
@@ -553,8 +558,9 @@ def suite(name: str, official: str | None) -> list[dict]:
         rows = [dict(kind="peak", n={"fp32": 2048, "bf16": 2048 if cpu_has_bf16_units() else 512})]
         for width in (64, 128, 256):
             for patch_size in (4, 2):  # 16 and 64 tokens
-                spec = _spec(28, width, width // 16, 22, in_channels=3, patch_size=patch_size, num_classes=10)
-                rows.append(dict(kind="precision", name=f"28 blocks 22en6de, width {width}", model=spec, size=16,
+                model = preset_spec("quickstart", **DIGITS, hidden_size=width, num_heads=width // 16,
+                                    patch_size=patch_size)
+                rows.append(dict(kind="precision", name=f"28 blocks 22en6de, width {width}", model=model, size=16,
                                  batch_size=64, compile=False, repeats=6))
         rows.append(dict(kind="precision", name="DDT-S/2", model=S, size=32, batch_size=8, compile=False, repeats=4))
         return rows

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ddt import checkpoint
+from ddt.config import build_ddt
 from ddt.models import DDT, build_model
 from ddt.sampling import SamplingStats, sample, statistical_schedule, uniform_recompute_steps
 
@@ -29,8 +30,8 @@ def load_model(args) -> DDT:
         model.load_state_dict(state["ema"])
         return model.eval()
     torch.manual_seed(0)
-    model = DDT(in_channels=3, patch_size=args.patch_size, hidden_size=args.width, num_heads=4,
-                depth=28, encoder_depth=22, num_classes=10)
+    width = {"hidden_size": args.width} if args.width else {}  # the quickstart's own by default (conf/model)
+    model = build_ddt("quickstart", in_channels=3, num_classes=10, patch_size=args.patch_size, **width)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)  # a non-zero velocity
     return model.eval()
 
@@ -70,7 +71,7 @@ def wall_time(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", help="suite checkpoint to sample from (default: random weights)")
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--width", type=int, default=None, help="block width (default: conf/model/quickstart's)")
     parser.add_argument("--patch-size", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
@@ -121,7 +122,8 @@ def main() -> None:
                         if dp_seconds is not None else {})})
         print(json.dumps(rows[-1]), flush=True)
 
-    setting = (f"model {'ckpt ' + args.ckpt if args.ckpt else f'random 28 blocks 22en6de width {args.width}'}, "
+    shape = f"{model.depth} blocks {model.encoder_depth}en{model.decoder_depth}de width {model.hidden_size}"
+    setting = (f"model {'ckpt ' + args.ckpt if args.ckpt else f'random {shape}'}, "
                f"patch {model.patch_size}, {size}x{size}x{model.in_channels}, batch {args.batch}, "
                f"{args.steps} Euler steps, torch {torch.__version__}, {torch.get_num_threads()} threads")
     enc, dec = costs["encoder"], costs["decoder"]

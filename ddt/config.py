@@ -309,6 +309,44 @@ def check_ckpt(plain: dict) -> Iterator[str]:
         yield f"ckpt={plain['ckpt']} does not exist; check the path (suite checkpoints are RUN_DIR/checkpoints/*.pt)"
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # the config groups launch.py composes
+
+
+def model_file(name: str, conf_dir: str | Path | None = None) -> dict:
+    """The values conf/model/NAME.yaml gives (its defaults list merged in), less those it takes from other keys."""
+    raw = OmegaConf.load(Path(conf_dir or CONF_DIR) / "model" / f"{name}.yaml")
+    defaults = [str(d) for d in raw.pop("defaults", [])]
+    merged = OmegaConf.create({})
+    for entry in defaults if "_self_" in defaults else [*defaults, "_self_"]:  # Hydra's order (_self_ last by default)
+        merged = OmegaConf.merge(merged, raw if entry == "_self_" else model_file(entry, conf_dir))
+    return {k: merged[k] for k in merged if not OmegaConf.is_interpolation(merged, k)}
+
+
+def model_presets(conf_dir: str | Path | None = None) -> dict[str, str]:
+    """Each size preset's name (a conf/model file's `preset`, e.g. XL) and that file's name (ddt_xl)."""
+    files = sorted((Path(conf_dir or CONF_DIR) / "model").glob("*.yaml"))
+    return {model_file(p.stem, conf_dir)["preset"]: p.stem for p in files}
+
+
+def model_group(preset: str, *, in_channels: int = 4, num_classes: int = 1000, conf_dir: str | Path | None = None,
+                **overrides) -> dict:
+    """The `model` group of a size preset (name or file: XL, ddt_xl) as conf/model gives it, with `overrides`;
+    in_channels and num_classes, which the resolution and data groups set, default to latent ImageNet's."""
+    presets = model_presets(conf_dir)
+    if preset not in presets and preset not in presets.values():
+        raise KeyError(f"unknown model preset {preset!r}; choose one of {sorted(presets)} (conf/model)")
+    group = {"arch": "ddt", **model_file(presets.get(preset, preset), conf_dir), "in_channels": in_channels,
+             "num_classes": num_classes, **overrides}
+    return {**group, "decoder_depth": decoder_depth(group["depth"], group["encoder_depth"])}
+
+
+def build_ddt(preset: str, **kwargs) -> nn.Module:
+    """The network of a size preset of conf/model (`model_group`'s arguments); defaults give latent ImageNet's DDT."""
+    from ddt.models import model_from_config  # torch: imported only where a network is built
+
+    return model_from_config(model_group(preset, **kwargs))
+
+
 def build_network(cfg: Mapping) -> nn.Module:
     """The network of a (typed or plain) resolved config, from its `model` group."""
     from ddt.models import model_from_config  # torch: imported only where a network is built

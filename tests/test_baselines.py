@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from ddt.components import build_objective
-from ddt.config import build_network, validate
+from ddt.config import build_ddt, build_network, validate
 from ddt.data.digits import load_digits
 from ddt.data.pixels import ImageTensors
-from ddt.models import DDT, SiT, build_ddt, build_model
+from ddt.models import DDT, SiT, build_model
 from ddt.sampling import sample
 from ddt.train import Trainer, TrainConfig
 from tiny import TINY_DINOV2

@@ -6,15 +6,15 @@ from hydra.errors import MissingConfigException
 from omegaconf.errors import InterpolationResolutionError
 
 from conftest import ROOT
-from ddt.config import build_network, sampler_kwargs, stages, validate
-from ddt.models import DDT_PRESETS
+from ddt.config import build_network, model_group, sampler_kwargs, stages, validate
 
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
           for group in ("model", "resolution", "data", "train", "sampler", "eval", "logger", "repa", "baseline")}
 
 
 def test_every_group_has_options():
-    assert GROUPS["model"] == ["ddt_b", "ddt_l", "ddt_s", "ddt_xl", "ddt_xl_dh", "quickstart"]
+    assert GROUPS["model"] == ["ddt_b", "ddt_b_dh", "ddt_l", "ddt_l_dh", "ddt_s", "ddt_s_dh", "ddt_xl", "ddt_xl_dh",
+                               "quickstart"]
     assert {"default", "quickstart", "smoke"} <= set(GROUPS["train"])
     assert {"fid_digits", "fid_imagenet", "none"} <= set(GROUPS["eval"])
 
@@ -31,7 +31,8 @@ def test_every_option_composes_and_validates(compose, group, option):
     assert plain[group] is not None if group != "baseline" else plain["model"]["arch"] in ("ddt", "sit")
     if group == "model":
         m = plain["model"]
-        assert (m["depth"], m["hidden_size"], m["num_heads"], m["encoder_depth"]) == DDT_PRESETS[m["preset"]]
+        preset = model_group(m["preset"], in_channels=m["in_channels"], num_classes=m["num_classes"])
+        assert {k: m[k] for k in preset} == preset  # the preset by name is the file Hydra composes
         assert m["decoder_depth"] == m["depth"] - m["encoder_depth"]
 
 

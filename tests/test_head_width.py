@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from ddt.config import build_network, validate
+from ddt.config import build_ddt, build_network, model_group, validate
 from ddt.data.pixels import ImageTensors
 from ddt.errors import UsageError
-from ddt.models import DDT, HEAD_PRESETS, build_ddt, build_model, compile_model
+from ddt.models import DDT, build_model, compile_model
 from ddt.models.ddt import DDTBlock, FinalLayer, PatchEmbed
 from ddt.sampling import sample
 from ddt.train import Trainer, TrainConfig
@@ -157,7 +157,9 @@ def test_the_config_keys_build_the_head(compose):
     dh = validate(compose("model=ddt_xl_dh", "resolution=r256", "data.root=/d"))
     m = dh["model"]
     assert (m["depth"], m["encoder_depth"], m["decoder_depth"], m["hidden_size"]) == (30, 28, 2, 1152)
-    assert (m["decoder_hidden_size"], m["decoder_num_heads"]) == HEAD_PRESETS["XL-DH"] == (2048, 16)
+    head = model_group("XL-DH")
+    assert (m["decoder_hidden_size"], m["decoder_num_heads"]) == (2048, 16)
+    assert all(m[k] == head[k] for k in ("depth", "encoder_depth", "decoder_depth", "decoder_hidden_size"))
     with torch.device("meta"):
         from_config, from_preset = build_network(dh), build_ddt("XL-DH")
     assert {k: v.shape for k, v in from_config.state_dict().items()} == {

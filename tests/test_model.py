@@ -4,7 +4,8 @@ import torch
 
 from conftest import REFERENCE
 from ddt.checkpoint import official_denoiser_state_dict
-from ddt.models import DDT, DDT_PRESETS, build_ddt
+from ddt.config import build_ddt, model_group
+from ddt.models import DDT
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_shapes_and_encoder_split():
     assert v.shape == x.shape and s.shape == (2, (16 // 4) * (12 // 4), 32)
     assert torch.allclose(v, v_again, atol=1e-6)
     assert not torch.allclose(v, v_other_s)
-    assert model.decoder_depth == 2 and DDT_PRESETS["quickstart"][:1] == (28,)
+    assert model.decoder_depth == 2 and model_group("quickstart")["depth"] == 28
 
 
 @pytest.mark.parametrize("encoder_depth", [0, 5, 7])

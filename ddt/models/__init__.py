@@ -1,6 +1,4 @@
-"""Networks: the DDT, the Improved-SiT baseline and their size presets."""
-from ddt.models.ddt import (ARCHS, DDT, DDT_PRESETS, HEAD_PRESETS, SiT, build_ddt, build_model,
-                            compile_model, model_from_config)
+"""Networks: the DDT and the Improved-SiT baseline (their sizes are conf/model's: ddt.config.build_ddt)."""
+from ddt.models.ddt import ARCHS, DDT, SiT, build_model, compile_model, model_from_config
 
-__all__ = ["ARCHS", "DDT", "DDT_PRESETS", "HEAD_PRESETS", "SiT", "build_ddt", "build_model", "compile_model",
-           "model_from_config"]
+__all__ = ["ARCHS", "DDT", "SiT", "build_model", "compile_model", "model_from_config"]

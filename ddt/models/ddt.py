@@ -560,28 +560,6 @@ class SiT(_Transformer):
         return PREDICTIONS[self.prediction].velocity(out, x, t), None
 
 
-#################################################################################
-#                                  Size presets                                 #
-#################################################################################
-
-# name: (depth, hidden_size, num_heads, default encoder_depth)
-DDT_PRESETS = {
-    "quickstart": (28, 64, 4, 22),
-    "S": (12, 384, 6, 8),
-    "B": (12, 768, 12, 8),
-    "L": (24, 1024, 16, 20),
-    "XL": (28, 1152, 16, 22),
-    # RAE's DiT-DH (arXiv 2510.11690): the size's blocks as the encoder and a 2-block wide head
-    "S-DH": (14, 384, 6, 12),
-    "B-DH": (14, 768, 12, 12),
-    "L-DH": (26, 1024, 16, 24),
-    "XL-DH": (30, 1152, 16, 28),
-}
-
-# name: (decoder_hidden_size, decoder_num_heads) of the presets whose decoder is a wide head
-HEAD_PRESETS = {name: (2048, 16) for name in ("S-DH", "B-DH", "L-DH", "XL-DH")}
-
-
 ARCHS = {"ddt": DDT, "sit": SiT}
 
 
@@ -607,7 +585,7 @@ def build_model(arch: str = "ddt", **kwargs) -> DDT | SiT:
     """`ddt` (decoupled; needs encoder_depth) or `sit` (one undivided stack; encoder_depth is ignored)."""
     if arch not in ARCHS:
         raise ValueError(f"model.arch={arch!r} is unknown; use one of {sorted(ARCHS)}")
-    if arch == "sit":
+    if not has_encoder(arch):
         kwargs.pop("encoder_depth", None)
     return ARCHS[arch](**kwargs)
 
@@ -616,18 +594,3 @@ def model_from_config(model: Mapping, **top_level) -> DDT | SiT:
     """The network a `model` config group describes (the group's other keys, e.g. preset, size no network);
     `top_level` passes the config's own network keys."""
     return build_model(model["arch"], **{k: model[k] for k in _constructor_defaults() if k in model}, **top_level)
-
-
-def build_ddt(preset: str, *, in_channels: int = 4, patch_size: int = 2, num_classes: int = 1000,
-              encoder_depth: int | None = None, arch: str = "ddt", **overrides) -> DDT | SiT:
-    """A model of a named size; defaults give the paper's latent ImageNet DDT."""
-    if preset not in DDT_PRESETS:
-        raise KeyError(f"unknown DDT preset {preset!r}; choose one of {sorted(DDT_PRESETS)}")
-    depth, hidden_size, num_heads, default_encoder_depth = DDT_PRESETS[preset]
-    decoder_hidden_size, decoder_num_heads = HEAD_PRESETS.get(preset, (None, None))
-    kwargs = dict(in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size,
-                  num_heads=num_heads, depth=depth, num_classes=num_classes,
-                  encoder_depth=encoder_depth or default_encoder_depth,
-                  decoder_hidden_size=decoder_hidden_size, decoder_num_heads=decoder_num_heads)
-    kwargs.update(overrides)
-    return build_model(arch, **kwargs)
