@@ -6,8 +6,9 @@
     python launch.py stage=cache_latents resolution=r256 data.root=/imagenet/train   # SD-VAE latent cache
     python launch.py model=ddt_xl resolution=r256 repa=on data.root=/imagenet/train  # the paper's XL setting
 
-A setting or file at fault stops the run before any work with one line per problem on stderr (also
-in the run's launch.log and results.json) and exit status 2; no traceback unless HYDRA_FULL_ERROR=1.
+A setting or file at fault stops the run before any work with one line per problem on stderr and exit
+status 2, writing nothing (no run folder, no .hydra, no results.json); no traceback unless
+HYDRA_FULL_ERROR=1. A run folder held by a live run (its owner.json) is refused the same way.
 Ctrl-C / SIGTERM save what they can and exit 130 / 143; the same command resumes.
 """
 import logging
@@ -24,6 +25,8 @@ from omegaconf import DictConfig
 
 from ddt.config import register_resolvers
 from ddt.errors import Interrupted, UsageError
+from ddt.distributed import process_rank
+from ddt.lock import held_problem, live_owner
 from ddt.runner import run
 from ddt.schema import all_keys, closest
 
@@ -72,7 +75,7 @@ def preflight(argv: list[str]) -> Path | None:
         parsed = OverridesParser.create().parse_overrides(args.overrides)
         points = [p for batch in BasicSweeper.split_arguments(parsed, None) for p in batch] if args.multirun \
             else [args.overrides]
-        problems, sweep_dir, run_dirs = [], None, {}
+        problems, sweep_dir, run_dirs, prepared = [], None, {}, set()
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
             for overrides in points[:MAX_CHECKED_POINTS]:
                 cfg = compose("config", overrides=overrides, return_hydra_config=True)
@@ -81,14 +84,22 @@ def preflight(argv: list[str]) -> Path | None:
                 check_output_dir(run_dir, "hydra.sweep.dir" if args.multirun else "hydra.run.dir")
                 problems += renamed_run_problems(run_dir, overrides)
                 run_dirs.setdefault(run_dir, []).append(overrides)
-                if args.multirun:  # a single run validates in the runner, where its results.json records it
+                if args.multirun:
                     sweep_dir = Path(cfg.hydra.sweep.dir)
-                    problems += point_problems(cfg, overrides)
+                detached = "ddt_detached_launcher" in str(cfg.hydra.launcher.get("_target_", ""))
+                # the detached launcher skips live points itself; under torchrun, rank 0's run holds the folder
+                owner = None if detached or process_rank()[0] != 0 else live_owner(run_dir)
+                if owner is not None:
+                    problems.append(held_problem(run_dir, owner))
+                    continue
+                problems += run_problems(cfg, overrides, run_dir, args.multirun, prepared)
     except Exception as err:  # composition: unknown key, unknown option, unparsable override
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         fail(composition_problem(err))
     problems += shared_folder_problems(run_dirs)
+    if problems and not args.multirun:  # nothing was written: the folder is as it was
+        fail("\nlaunch.py: error: ".join(dict.fromkeys(problems)))
     if problems:  # no point starts while one of them is wrong
         fail("\n".join(dict.fromkeys(problems)) + f"\nlaunch.py: error: no sweep point was started "
                                                     f"({len(points)} points); fix the values above")
@@ -107,19 +118,30 @@ def sweep_summary(sweep_dir: Path) -> None:
     print(f"report: python -m analysis.report {sweep_dir}", file=sys.stderr)
 
 
-def point_problems(cfg: DictConfig, overrides: list[str]) -> list[str]:
-    """The value problems (types, ranges, cross-key rules) of one composed sweep point, one line each."""
-    from omegaconf import open_dict
+# The groups `prepare` loads files from: a sweep checks those files once per distinct set of them.
+PREPARED_GROUPS = ("data", "resolution", "eval", "repa", "cache_dir", "stage")
 
-    from ddt.config import validate
+
+def run_problems(cfg: DictConfig, overrides: list[str], run_dir: Path, multirun: bool, prepared: set) -> list[str]:
+    """The problems of one composed run (values, cross-key rules, device, files), one line each; a single run's
+    check is kept for the runner, which then does not repeat it."""
+    from omegaconf import OmegaConf, open_dict
+
+    from ddt.runner import CHECKED, check_run
 
     with open_dict(cfg):
         del cfg["hydra"]  # the launcher's settings are Hydra's to check
+    files_key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in PREPARED_GROUPS if k in cfg]))
     try:
-        validate(cfg)
+        checked = check_run(cfg, run_dir, prepare_parts=not multirun or files_key not in prepared)
     except UsageError as err:
+        if not multirun:
+            return err.problems
         where = ",".join(o for o in overrides if not o.startswith("hydra.")) or "default"
         return [f"sweep point {where}: {problem}" for problem in err.problems]
+    prepared.add(files_key)
+    if not multirun:
+        CHECKED[run_dir.resolve()] = (OmegaConf.to_yaml(cfg), checked)
     return []
 
 

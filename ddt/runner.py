@@ -17,17 +17,20 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ddt import checkpoint
 from ddt.components import Parts, prepare
 from ddt.config import build_network, comparable, config_id, sampler_kwargs, stages, validate
 from ddt.curve import curve_cost, kept_steps, point_settings, record_point, set_aside_stale_points
-from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours
+from ddt.ledger import STAGE_STATE, Ledger, Results, device_hours, read_json
+from ddt.lock import Hold
+from ddt.schema import RootSchema
 from ddt.signals import checkpoint_on_preemption, stop_after_step_on_interrupt
 from ddt.threads import size_threads
 from ddt.errors import Interrupted, UsageError
@@ -144,49 +147,90 @@ def is_completed(results: dict, plain: dict, todo: list[str]) -> bool:
             == {k: v for k, v in plain.items() if k not in NOT_RESULT_KEYS})
 
 
+@dataclass
+class Checked:
+    """A run checked before any work: its typed config, stages, and the parts they need (None if completed)."""
+
+    run_cfg: RootSchema
+    plain: dict
+    todo: list[str]
+    parts: Parts | None
+    completed: dict | None = None  # results.json of this very run, already completed
+
+
+def check_run(cfg: DictConfig, run_dir: str | Path, prepare_parts: bool = True) -> Checked:
+    """Every setting and file the run in run_dir needs, checked before any work (all problems in one UsageError).
+
+    prepare_parts=False leaves out what `prepare` loads (data, VAE, extractors): a sweep checks those once
+    for each distinct set of the groups they come from."""
+    run_dir = Path(run_dir)
+    run_cfg, todo = validate(cfg), stages(cfg)
+    plain = run_cfg.to_dict()  # what results.json records and the stages below still read by key
+    done = read_json(run_dir / "results.json")
+    if is_completed(done, plain, todo):
+        return Checked(run_cfg, plain, todo, None, completed=done)
+    problems = []
+    try:
+        resolve_device(str(plain["device"]))
+    except UsageError as err:
+        problems += err.problems
+    problems += weights_problems(plain, todo, run_dir)
+    parts = None
+    try:
+        parts = prepare(plain, todo) if prepare_parts else None
+        if parts is not None and not problems:  # the checkpoints fit the model: does their projector fit too?
+            problems += projector_problems(plain, todo, run_dir, parts.objective)
+    except UsageError as err:
+        problems += err.problems
+    if problems:
+        raise UsageError(problems)
+    return Checked(run_cfg, plain, todo, parts)
+
+
+# Runs launch.py checked before Hydra wrote a file: run_dir -> (the config's YAML, the check), used once.
+CHECKED: dict[Path, tuple[str, Checked]] = {}
+
+
 def run(cfg: DictConfig, run_dir: str | Path, sweep_dir: str | Path | None = None) -> dict:
     """Run the configured stages in run_dir (one point of sweep_dir); returns results.json's contents."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rank = process_rank()[0]
+    hold = Hold(run_dir).take() if rank == 0 else None  # before any write: a live owner stops this here
     try:
-        wanted = resolve_device(str(cfg.device))
-    except UsageError as err:  # recorded where the run's results would be, as every failure before work
-        writer = process_rank()[0] == 0
+        checked = _checked(cfg, run_dir, writer=rank == 0)
+        device = distributed.setup(resolve_device(checked.plain["device"]))
+        try:
+            results = _run(checked, run_dir, sweep_dir, device)
+            barrier()  # gloo aborts a rank whose peer leaves the group while it still talks to it
+            return results
+        finally:
+            distributed.teardown()
+    finally:
+        if hold is not None:
+            hold.give_up()
+
+
+def _checked(cfg: DictConfig, run_dir: Path, writer: bool) -> Checked:
+    """launch.py's check of this run (same config), else a fresh one; a refusal in a job is recorded in its folder."""
+    yaml, checked = CHECKED.pop(run_dir.resolve(), (None, None))
+    if checked is not None and yaml == OmegaConf.to_yaml(cfg):
+        return checked
+    try:
+        return check_run(cfg, run_dir)
+    except UsageError as err:  # a job that owns its folder records why it stopped, for ddt.status
         Results(run_dir / "results.json", writer=writer).update(status="failed", error=str(err))
         Ledger(run_dir, writer=writer).enter("failed", error=str(err))
         raise
-    device = distributed.setup(wanted)
-    try:
-        results = _run(cfg, run_dir, sweep_dir, device)
-        barrier()  # gloo aborts a rank whose peer leaves the group while it still talks to it
-        return results
-    finally:
-        distributed.teardown()
 
 
-def _run(cfg: DictConfig, run_dir: Path, sweep_dir: str | Path | None, device: torch.device) -> dict:
+def _run(checked: Checked, run_dir: Path, sweep_dir: str | Path | None, device: torch.device) -> dict:
     rank = process_rank()[0]
     results, ledger = Results(run_dir / "results.json", writer=rank == 0), Ledger(run_dir, writer=rank == 0)
-    try:  # every setting and file is checked before any work; all problems are reported together
-        run_cfg, todo = validate(cfg), stages(cfg)
-        plain = run_cfg.to_dict()  # what results.json records and the stages below still read by key
-        if is_completed(results.data, plain, todo):
-            log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
-                     summary_line(results.data))
-            return results.data
-        problems = weights_problems(plain, todo, run_dir)
-        try:
-            parts = prepare(plain, todo)
-            if not problems:  # the checkpoints are readable and fit the model: does their projector fit too?
-                problems += projector_problems(plain, todo, run_dir, parts.objective)
-        except UsageError as err:
-            problems += err.problems
-        if problems:
-            raise UsageError(problems)
-    except UsageError as err:  # the failure of a sweep point is recorded where its results would be
-        results.update(status="failed", error=str(err))
-        ledger.enter("failed", error=str(err))
-        raise
+    run_cfg, plain, todo, parts = checked.run_cfg, checked.plain, checked.todo, checked.parts
+    if checked.completed is not None:
+        log.info("%s is already completed (delete its results.json to run it again): %s", run_dir,
+                 summary_line(results.data))
+        return results.data
     size_threads()
     torch.manual_seed(plain["seed"])
     model = build_network(run_cfg).to(device)

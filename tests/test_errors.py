@@ -123,11 +123,7 @@ def test_an_invalid_setting_or_file_stops_before_any_work_naming_it(overrides, n
     assert "Traceback" not in output, output[-3000:]
     for part in named.split("|"):
         assert part in proc.stderr, (part, proc.stderr[-2000:])
-    assert not (run_dir / "checkpoints").exists() and not (run_dir / "samples").exists()
-    if (run_dir / "results.json").exists():  # a failed status is all a stopped run leaves
-        results = json.loads((run_dir / "results.json").read_text())
-        assert results["status"] == "failed" and named.split("|")[0] in results["error"]
-        assert named.split("|")[0] in (run_dir / "launch.log").read_text()  # the console, also in the log
+    assert not run_dir.exists()  # a refusal writes nothing: no folder, .hydra, results.json or ledger
     print(f"{seconds:.1f} s: {' '.join(overrides)}")
 
 
