@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Iterator
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ddt.errors import UsageError
-from ddt.schema import RootSchema, check_types, decoder_depth, has_encoder, head_problems, later_keys, split_problem
+from ddt.schema import (RootSchema, check_types, decoder_depth, has_encoder, head_problems, later_keys, rungs_problem,
+                        split_problem)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,8 +33,10 @@ STAGES = ("cache_latents", "train", "curve", "sample", "evaluate")
 # the constant learning rate do not depend on it): runs of one recipe are compared at a common step.
 # ckpt: the weights a run starts from or samples are recorded beside its results (analysis.results).
 # eval.num_samples is not here: FID's value depends on it.
+# halving: a study's points train to each rung in turn (train.max_steps), so a point is the same run at every
+# rung, and the same run as the full grid's point of its configuration (docs/halving.md).
 HOW_IT_RAN_KEYS = (
-    "name", "stage", "ckpt", "device", "progress", "logger", "tags", "cache_dir", "hydra", "cluster",
+    "name", "stage", "ckpt", "device", "progress", "logger", "tags", "cache_dir", "hydra", "cluster", "halving",
     "train.max_steps", "train.ckpt_every", "train.keep_every", "train.log_every", "train.compile",
     "train.activation_checkpointing",
     "data.root", "data.latents_dir", "data.num_workers", "data.shard_size", "data.cache_batch_size",
@@ -166,7 +169,7 @@ def validate(cfg: DictConfig) -> RootSchema:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         todo = stages(cfg)
         across = [*check_model(plain), *check_train(plain), *check_sampler(plain), *check_curve(plain, todo),
-                  *check_fd_dinov2(plain), *check_data(plain, todo), *check_dispersive(plain)]
+                  *check_fd_dinov2(plain), *check_data(plain, todo), *check_dispersive(plain), *check_halving(plain)]
     except Exception:  # a key of the wrong type breaks a rule's arithmetic: that key is reported already
         if not problems:
             raise
@@ -276,6 +279,13 @@ def check_data(plain: dict, todo: list[str]) -> Iterator[str]:
 def dispersive_layer(plain: dict) -> int:
     """The block the dispersive loss reads: repa.layer, or a quarter of model.depth when it is null."""
     return plain["repa"].get("layer") or plain["model"]["depth"] // 4
+
+
+def check_halving(plain: dict) -> Iterator[str]:
+    """The rungs of a halving study (+halving=on): positive, increasing."""
+    halving = plain.get("halving")
+    if halving and (problem := rungs_problem(list(halving["rungs"]))):
+        yield problem
 
 
 def check_dispersive(plain: dict) -> Iterator[str]:

@@ -22,7 +22,10 @@ from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ddt.tracking import HIGHER_IS_BETTER
+
 MISSING = dataclasses.MISSING
+HalvingMetric = Literal[tuple(HIGHER_IS_BETTER)]  # the metrics whose direction is known
 
 
 def key(help: str, default: Any = MISSING, later: bool = False, **limits: float) -> Any:
@@ -75,8 +78,8 @@ class Group(Mapping):
     @classmethod
     def from_plain(cls, plain: Mapping) -> "Group":
         """The typed group of a resolved config that check_types passed (keys it does not know are left out)."""
-        hints = typing.get_type_hints(cls)
-        group = cls(**{f.name: hints[f.name].from_plain(plain[f.name]) if f.name in GROUPS and cls is RootSchema
+        groups = {**GROUPS, **OPTIONAL_GROUPS} if cls is RootSchema else {}
+        group = cls(**{f.name: groups[f.name].from_plain(plain[f.name]) if f.name in groups and plain[f.name] is not None
                        else plain[f.name] for f in dataclasses.fields(cls) if f.name in plain})
         group._given = tuple(name for name in cls._names() if name in plain)
         return group
@@ -243,6 +246,17 @@ class LoggerSchema(Group):
 
 
 @dataclass(eq=False)
+class HalvingSchema(Group):
+    """Successive halving over the sweep's points (`+halving=on`, docs/halving.md): an optional group."""
+
+    rungs: list[int] = key("training steps of the rungs, increasing; the last is the full length")
+    eta: int = key("keep the best ceil(n/eta) of the n configurations at a rung (and any whose 95% interval "
+                   "overlaps the best's)", 3, ge=2)
+    metric: HalvingMetric = key("curve metric the rungs rank by (its direction: ddt.tracking.HIGHER_IS_BETTER)",
+                                "fid")
+
+
+@dataclass(eq=False)
 class RootSchema(Group):
     """Top-level keys and the groups."""
 
@@ -269,9 +283,13 @@ class RootSchema(Group):
     progress: bool = key("progress bars (log lines when stderr is not a terminal)", True)
     tags: list[str] = key("labels of the study", [])
     paper: Optional[dict] = key("published numbers of an experiment (recorded, not used)", None)
+    halving: Optional[HalvingSchema] = key("a successive-halving study (+halving=on); null: none", None)
 
 
 GROUPS = {name: tp for name, tp in typing.get_type_hints(RootSchema).items() if dataclasses.is_dataclass(tp)}
+# Groups a config has only when the command line adds them (+halving=on); absent, they are not in to_dict,
+# so no existing run's config (results.json) or config_id changes.
+OPTIONAL_GROUPS = {"halving": HalvingSchema}
 
 
 def later_keys() -> dict[str, Any]:
@@ -304,6 +322,14 @@ def split_problem(depth: int, encoder_depth: int) -> str | None:
         return None
     return (f"model.encoder_depth={encoder_depth} is impossible for model.depth={depth}: "
             f"it must be between 1 and {depth - 1} so that the decoder keeps at least one block")
+
+
+def rungs_problem(rungs: list[int]) -> str | None:
+    """The line naming halving.rungs that are not increasing positive steps, or None."""
+    if rungs and rungs[0] > 0 and all(a < b for a, b in zip(rungs, rungs[1:])):
+        return None
+    return (f"halving.rungs=[{','.join(map(str, rungs))}] must be training steps, positive and increasing, the last "
+            f"the full length, e.g. halving.rungs=[20000,100000,400000]")
 
 
 def head_problems(arch: str, decoder_hidden_size: int | None, decoder_num_heads: int | None) -> list[str]:
@@ -375,8 +401,9 @@ def all_keys() -> list[str]:
     """Every dotted key the schema knows."""
     out = []
     for f in dataclasses.fields(RootSchema):
-        if f.name in GROUPS:
-            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(GROUPS[f.name])]
+        if f.name in GROUPS or f.name in OPTIONAL_GROUPS:
+            groups = {**GROUPS, **OPTIONAL_GROUPS}
+            out += [f"{f.name}.{g.name}" for g in dataclasses.fields(groups[f.name])]
         else:
             out.append(f.name)
     return out
@@ -405,7 +432,7 @@ def _check_schema(cfg: DictConfig, prefix: str, schema: type, problems: list[str
         failed.add(full)
     for f in dataclasses.fields(schema):
         full = f"{prefix}.{f.name}" if prefix else f.name
-        if f.name in GROUPS and not prefix:
+        if f.name in (*GROUPS, *OPTIONAL_GROUPS) and not prefix:
             continue
         if f.name not in present:
             if f.default is MISSING and f.default_factory is MISSING:
@@ -453,6 +480,9 @@ def check_types(cfg: DictConfig) -> tuple[list[str], set[str]]:
             problems.append(f"the {group} group is missing from the config")
             continue
         _check_schema(cfg, group, schema, problems, failed)
+    for group, schema in OPTIONAL_GROUPS.items():
+        if OmegaConf.select(cfg, group) is not None:
+            _check_schema(cfg, group, schema, problems, failed)
     derived_failures = [p for p in problems if "cannot be resolved" in p]
     if len(derived_failures) < len(problems):  # a derived key fails because of a bad input named already
         problems = [p for p in problems if "cannot be resolved" not in p]
@@ -473,7 +503,8 @@ def reference_markdown(conf_dir: str | Path | None = None) -> str:
              "rows: it sets `model.arch/norm/ffn/pos/qk_norm`, `train.time_distribution` and REPA), `+experiment`",
              "(one study per file in `experiments/`) and `+cluster` (SLURM settings in `conf/cluster/`) compose",
              "the keys below.", ""]
-    for title, prefix, schema in [("Top-level keys", "", RootSchema), *((f"`{g}`", g, s) for g, s in GROUPS.items())]:
+    for title, prefix, schema in [("Top-level keys", "", RootSchema), *((f"`{g}`", g, s) for g, s in GROUPS.items()),
+                                  *((f"`{g}` (optional: `+{g}=on`)", g, s) for g, s in OPTIONAL_GROUPS.items())]:
         lines += [f"## {title}", "", (schema.__doc__ or "").strip(), ""]
         options = sorted(p.stem for p in (Path(conf_dir) / prefix).glob("*.yaml")) if conf_dir and prefix else []
         if options:
@@ -481,7 +512,7 @@ def reference_markdown(conf_dir: str | Path | None = None) -> str:
         lines += ["| key | type | default | range | meaning |", "|---|---|---|---|---|"]
         hints = _hints(schema)
         for f in dataclasses.fields(schema):
-            if f.name in GROUPS and not prefix:
+            if f.name in (*GROUPS, *OPTIONAL_GROUPS) and not prefix:
                 continue
             default = "*required*" if f.default is MISSING and f.default_factory is MISSING else "`" + _show(
                 f.default_factory() if f.default is MISSING else f.default, quote=False) + "`"
