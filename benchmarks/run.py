@@ -431,10 +431,11 @@ def measure_contention(p: dict, device: torch.device) -> dict:
     neighbour paused with SIGSTOP while this one runs alone); the ratio beside / alone is taken in each round."""
     import signal
 
-    from ddt.threads import size_threads
+    from ddt.threads import keep_bits_or_fix_threads, size_threads
 
     threads = size_threads()
     trainer, batch = _trainer(p, device)
+    keep_bits_or_fix_threads(lambda: trainer._gradients(batch))  # as Trainer.fit does on its first batch
     step = lambda: trainer.train_step(batch)  # noqa: E731
     timed(step, device, 2)  # warm-up
     env = {**os.environ, "OMP_NUM_THREADS": str(p["neighbour_threads"])}

@@ -29,12 +29,8 @@ def _submitit_job_tasks() -> int:
 def setup(device: torch.device) -> torch.device:
     """Join the default process group when launched as several processes; returns this rank's device.
 
-    In a SLURM job, CPU threads are limited to the task's allocation (SLURM_CPUS_PER_TASK, unless
-    OMP_NUM_THREADS is set): jobs sharing a node with more threads than cores slow down many times over.
+    CPU threads are sized by ddt.threads (affinity mask, SLURM_CPUS_PER_TASK, OMP_NUM_THREADS), not here.
     """
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(int(cpus))
     if "WORLD_SIZE" not in os.environ and _submitit_job_tasks() > 1:
         import submitit
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ddt import checkpoint
+from ddt import checkpoint, threads
 from ddt.distributed import max_over_ranks, mean_over_ranks, process_rank
 from ddt.data.order import StepBatches
 from ddt.models import compile_model
@@ -222,7 +222,18 @@ class Trainer:
         self.optimizer.step()
         update_ema(self.ema, self.model, self.cfg.ema_decay)
         self.step += 1
+        threads.adapt()  # between steps: fewer threads while other processes hold some of the CPUs
         return loss, terms
+
+    def _gradients(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One step's gradients, leaving the RNG, the weights and .grad as they were (the threads probe)."""
+        state = self.generator.get_state()
+        with torch.random.fork_rng(devices=[]):
+            self.forward_backward(batch)
+        self.generator.set_state(state)
+        grads = [p.grad.clone() for p in self.model.parameters() if p.grad is not None]
+        self.optimizer.zero_grad(set_to_none=True)
+        return grads
 
     def fit(self) -> dict:
         """Train from self.step to cfg.max_steps; returns loss, speed and timing numbers.
@@ -246,6 +257,9 @@ class Trainer:
         first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         resumed_seconds = self.train_seconds
         for batch in batches:
+            if self.step == start_step:  # the governor may change the threads only if that keeps the bits
+                threads.keep_bits_or_fix_threads(
+                    (lambda: self._gradients(batch)) if self.device.type == "cpu" and self.world_size == 1 else None)
             loss, terms = self.train_step(batch)
             bad = ~torch.isfinite(loss.detach())
             first_bad_step = torch.where(bad & (first_bad_step < 0), self.step - 1, first_bad_step)
