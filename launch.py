@@ -86,13 +86,15 @@ def preflight(argv: list[str]) -> Path | None:
                 run_dirs.setdefault(run_dir, []).append(overrides)
                 if args.multirun:
                     sweep_dir = Path(cfg.hydra.sweep.dir)
-                detached = "ddt_detached_launcher" in str(cfg.hydra.launcher.get("_target_", ""))
+                launcher = str(cfg.hydra.launcher.get("_target_", ""))
+                detached = "ddt_detached_launcher" in launcher
+                here = not args.multirun or launcher.endswith(("BasicLauncher", ".LocalLauncher"))  # not a SLURM node
                 # the detached launcher skips live points itself; under torchrun, rank 0's run holds the folder
                 owner = None if detached or process_rank()[0] != 0 else live_owner(run_dir)
                 if owner is not None:
                     problems.append(held_problem(run_dir, owner))
                     continue
-                problems += run_problems(cfg, overrides, run_dir, args.multirun, prepared)
+                problems += run_problems(cfg, overrides, run_dir, args.multirun, prepared, here)
     except Exception as err:  # composition: unknown key, unknown option, unparsable override
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -122,9 +124,10 @@ def sweep_summary(sweep_dir: Path) -> None:
 PREPARED_GROUPS = ("data", "resolution", "eval", "repa", "cache_dir", "stage")
 
 
-def run_problems(cfg: DictConfig, overrides: list[str], run_dir: Path, multirun: bool, prepared: set) -> list[str]:
-    """The problems of one composed run (values, cross-key rules, device, files), one line each; a single run's
-    check is kept for the runner, which then does not repeat it."""
+def run_problems(cfg: DictConfig, overrides: list[str], run_dir: Path, multirun: bool, prepared: set,
+                 here: bool) -> list[str]:
+    """The problems of one composed run (values, cross-key rules, device where the run runs `here`, files), one
+    line each; a single run's check is kept for the runner, which then does not repeat it."""
     from omegaconf import OmegaConf, open_dict
 
     from ddt.runner import CHECKED, check_run
@@ -133,7 +136,7 @@ def run_problems(cfg: DictConfig, overrides: list[str], run_dir: Path, multirun:
         del cfg["hydra"]  # the launcher's settings are Hydra's to check
     files_key = OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in PREPARED_GROUPS if k in cfg]))
     try:
-        checked = check_run(cfg, run_dir, prepare_parts=not multirun or files_key not in prepared)
+        checked = check_run(cfg, run_dir, prepare_parts=not multirun or files_key not in prepared, here=here)
     except UsageError as err:
         if not multirun:
             return err.problems

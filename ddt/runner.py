@@ -158,11 +158,12 @@ class Checked:
     completed: dict | None = None  # results.json of this very run, already completed
 
 
-def check_run(cfg: DictConfig, run_dir: str | Path, prepare_parts: bool = True) -> Checked:
+def check_run(cfg: DictConfig, run_dir: str | Path, prepare_parts: bool = True, here: bool = True) -> Checked:
     """Every setting and file the run in run_dir needs, checked before any work (all problems in one UsageError).
 
     prepare_parts=False leaves out what `prepare` loads (data, VAE, extractors): a sweep checks those once
-    for each distinct set of the groups they come from."""
+    for each distinct set of the groups they come from. here=False (a job that runs on another machine, e.g.
+    a SLURM node): `device` is the node's to check, not this machine's."""
     run_dir = Path(run_dir)
     run_cfg, todo = validate(cfg), stages(cfg)
     plain = run_cfg.to_dict()  # what results.json records and the stages below still read by key
@@ -171,7 +172,8 @@ def check_run(cfg: DictConfig, run_dir: str | Path, prepare_parts: bool = True) 
         return Checked(run_cfg, plain, todo, None, completed=done)
     problems = []
     try:
-        resolve_device(str(plain["device"]))
+        if here:
+            resolve_device(str(plain["device"]))
     except UsageError as err:
         problems += err.problems
     problems += weights_problems(plain, todo, run_dir)

@@ -2,6 +2,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +192,23 @@ def test_submitit_local_sweep(tmp_path, cache_dir):
     assert sorted(r["model"]["encoder_depth"] for r in results) == [8, 16]
     assert all(r["status"] == "completed" and r["metrics"]["fid"] > 0 for r in results)
     assert len(list(tmp_path.glob(".submitit/*/*/*_result.pkl"))) == 2  # submitit ran them as jobs
+
+
+def test_a_sweep_for_slurm_nodes_leaves_the_device_to_the_node_but_a_local_one_checks_it(tmp_path, monkeypatch):
+    """device=cuda on a machine without a GPU: refused for a local sweep before anything is written; a sweep
+    submitted to SLURM from a login node is not refused for it (the node has the GPU)."""
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device=cuda is valid here either way")
+    spec = importlib.util.spec_from_file_location("launch_script", Path(__file__).parents[1] / "launch.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as stop:
+        script.preflight(["-m", "device=cuda", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'local'}"])
+    assert stop.value.code == 2 and not (tmp_path / "local").exists()
+    sweep = script.preflight(["-m", "+cluster=localhost_detached", "device=cuda", "seed=0,1",
+                              f"hydra.sweep.dir={tmp_path / 'slurm'}"])
+    assert sweep == tmp_path / "slurm"
