@@ -34,6 +34,7 @@ CONF = Path(__file__).resolve().parent / "conf"
 MAX_CHECKED_POINTS = 256  # sweep points whose composition is checked before the first job starts
 log = logging.getLogger("launch")
 exit_codes: list[int] = []
+STUDY: dict = {}  # a multirun with +halving=on: its points and settings, which ddt.study runs instead of Hydra's sweep
 register_resolvers()
 
 
@@ -94,6 +95,9 @@ def preflight(argv: list[str]) -> Path | None:
                 if owner is not None:
                     problems.append(held_problem(run_dir, owner))
                     continue
+                halving = cfg.get("halving") if args.multirun else None
+                if halving is not None:
+                    problems += study_point(cfg, overrides, run_dir, len(points))
                 problems += run_problems(cfg, overrides, run_dir, args.multirun, prepared, here)
     except Exception as err:  # composition: unknown key, unknown option, unparsable override
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -110,6 +114,46 @@ def preflight(argv: list[str]) -> Path | None:
 
         record_sweep_points(sweep_dir, {d: o[0] for d, o in run_dirs.items()})
     return sweep_dir
+
+
+def study_point(cfg: DictConfig, overrides: list[str], run_dir: Path, num_points: int) -> list[str]:
+    """Keep a halving study's point for ddt.study (its overrides and config_id); the problems of the study's settings."""
+    from omegaconf import OmegaConf
+
+    from ddt.config import config_id, validate
+
+    halving = OmegaConf.to_container(cfg.halving, resolve=False)
+    target = str(cfg.hydra.launcher.get("_target_", ""))
+    if not target.endswith("BasicLauncher"):
+        return [f"+halving=on runs on the basic launcher (one command on this machine); hydra.launcher is {target}: "
+                f"leave out +cluster and hydra/launcher (the detached SLURM study is not there yet, docs/halving.md)"]
+    if num_points > MAX_CHECKED_POINTS:
+        return [f"a halving study of {num_points} points: at most {MAX_CHECKED_POINTS}; split it into studies"]
+    given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "train.max_steps"]
+    try:
+        rungs = [int(r) for r in OmegaConf.to_container(cfg.halving, resolve=True)["rungs"]]
+        plain = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])).to_dict()
+    except Exception:  # the values are at fault: run_problems names them
+        return []
+    if given and given[-1] != str(rungs[-1]):
+        return [f"train.max_steps={given[-1]} with halving.rungs={halving['rungs']}: a study trains each point to "
+                f"each rung in turn, the last the full length; leave train.max_steps out"]
+    STUDY.setdefault("points", []).append({"name": run_dir.name, "overrides": list(overrides),
+                                           "config_id": config_id(plain), "seed": plain.get("seed")})
+    STUDY.update(study_dir=run_dir.parent, rungs=rungs, eta=int(cfg.halving.eta), metric=str(cfg.halving.metric))
+    return []
+
+
+def run_study() -> int:
+    """A halving study (+halving=on) instead of Hydra's sweep: ddt.study trains its rungs as single runs."""
+    from ddt.study import Point, record_study, run_study as study
+
+    try:
+        recorded = record_study(STUDY["study_dir"], STUDY["rungs"], STUDY["eta"], STUDY["metric"],
+                                [Point(**p) for p in STUDY["points"]])
+    except UsageError as err:
+        fail("\nlaunch.py: error: ".join(err.problems))
+    return study(recorded)
 
 
 def sweep_summary(sweep_dir: Path) -> None:
@@ -201,6 +245,16 @@ if __name__ == "__main__":
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's job handlers own SIGTERM inside a job
         signal.signal(signal.SIGTERM, _terminate)
     sweep = preflight(sys.argv[1:])
+    if STUDY:
+        try:
+            code = run_study()
+        except Interrupted as err:  # SIGTERM to the study: the point running gets it from its process group too
+            code = err.exit_code
+        except KeyboardInterrupt:
+            code = 130
+        if code in (0, 1):  # through, or stopped at a failed point or a blocked decision: where it stands
+            sweep_summary(sweep)
+        sys.exit(code)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside a run (while Hydra composes or launches)

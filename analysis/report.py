@@ -160,7 +160,14 @@ def status_sections(sweep_dirs: list[Path]) -> list[Section]:
     """Where each sweep stands (ddt.status's table: states, steps, ETA, SLURM jobs, device-hours)."""
     from ddt.status import sweep_status, table
 
-    return [(f"sweep status (python -m ddt.status {d})", table(sweep_status(d)).splitlines()) for d in sweep_dirs]
+    sections = []
+    for d in sweep_dirs:
+        status = sweep_status(d)
+        study = status.pop("halving", None)  # a halving study: its rung table and device-hours, a section of their own
+        if study is not None:
+            sections.append((f"successive halving (python -m ddt.study show {d})", study["text"].splitlines()))
+        sections.append((f"sweep status (python -m ddt.status {d})", table(status).splitlines()))
+    return sections
 
 
 def report(df: pd.DataFrame, out_dir: str | Path, curves: pd.DataFrame | None = None,

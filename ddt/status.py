@@ -6,7 +6,7 @@
 
 Each point's state comes from its ledger (ddt.ledger, written by the run and by the launcher that
 submitted it): not_started, pending, training, curve, sampling, evaluating, completed, failed,
-interrupted or cancelled. Wall time is the sum over the run's sessions, each from its submission (or first
+interrupted or cancelled; a halving study's point also pruned (cut at a rung, done) or revived (ddt.study). Wall time is the sum over the run's sessions, each from its submission (or first
 state) to the state that ended it (completed, failed, interrupted), the time between sessions left out (a run
 completed, then extended a week later); `queued` is the part of it spent waiting (each submission or requeue
 up to the run's next state). A point whose ledger says it is
@@ -33,7 +33,12 @@ from pathlib import Path
 
 from ddt.ledger import LEDGER, RUNNING_STATES, SUBMISSIONS, SWEEP_POINTS, device_hours, read_json, read_point
 
-STATES = ("not_started", "pending", *RUNNING_STATES, "completed", "failed", "interrupted", "cancelled")
+# pruned: cut by a halving study at a rung (ddt.study), done as far as the study goes; revived: a pruned
+# configuration the study command will extend again
+STATES = ("not_started", "pending", *RUNNING_STATES, "completed", "pruned", "revived", "failed", "interrupted",
+          "cancelled")
+DONE = ("completed", "pruned")
+PRUNED_KEYS = ("rung", "metric", "value", "ci95", "interval", "cut", "rule", "reason", "config_id")
 ACTIVE = ("pending", *RUNNING_STATES)
 SHOWN_METRICS = ("fid", "sfid", "isc_mean", "precision", "recall")
 # SLURM job states (sacct/squeue) and what they mean for a point whose run has not said otherwise
@@ -214,7 +219,8 @@ def point_status(point: dict, slurm: dict[str, str] | None, now: float | None = 
     if state in RUNNING_STATES and first_running < len(events):
         spent += max(now - _when(events[first_running]), 0.0) * devices / 3600
     queued = queued_seconds(submissions, events, state, now)
-    return {"run_dir": point["run_dir"], "state": state, "step": step, "max_steps": max_steps,
+    halving = {k: last[k] for k in PRUNED_KEYS if k in last} if state == "pruned" else None
+    return {"run_dir": point["run_dir"], "state": state, **({"halving": halving} if halving else {}), "step": step, "max_steps": max_steps,
             "steps_per_s": rate, "metrics": metrics, "metrics_step": (curve[-1]["step"] if curve else step) if metrics
             else None, "wall_time_s": round(wall, 1) if wall is not None else None,
             "queued_s": None if queued is None else round(queued, 1),
@@ -244,8 +250,13 @@ def sweep_status(sweep_dir: str | Path, now: float | None = None) -> dict:
                                         *p["ledger"].get("slurm_job_ids", [])] if j}
     slurm = slurm_states(jobs)
     rows = [point_status(p, slurm, now) for p in points]
-    return {"sweep_dir": str(sweep_dir), "slurm": "sacct/squeue" if slurm is not None and jobs else "none",
-            "points": rows, "totals": totals(rows)}
+    out = {"sweep_dir": str(sweep_dir), "slurm": "sacct/squeue" if slurm is not None and jobs else "none",
+           "points": rows, "totals": totals(rows)}
+    if (Path(sweep_dir) / "halving" / "study.json").exists():  # a halving study: its rung table and device-hours
+        from ddt.study import study_summary  # lazily: ddt.halving imports scipy (about 2 s)
+
+        out["halving"] = study_summary(sweep_dir)
+    return out
 
 
 def totals(rows: list[dict]) -> dict:
@@ -255,7 +266,7 @@ def totals(rows: list[dict]) -> dict:
     typical_rate = statistics.median(rates) if rates else None
     to_go, unknown = 0.0, 0
     for r in rows:
-        if r["state"] == "completed":
+        if r["state"] in DONE:
             continue
         rate = r["steps_per_s"] or typical_rate
         if rate and r["max_steps"] is not None:
@@ -271,11 +282,11 @@ def totals(rows: list[dict]) -> dict:
 
 
 def exit_code(status: dict) -> int:
-    """0: every point completed; 3: some point pending or running; 1: otherwise."""
+    """0: every point completed (or pruned by a halving study); 3: some point pending or running; 1: otherwise."""
     states = [r["state"] for r in status["points"]]
     if any(s in ACTIVE for s in states):
         return 3
-    return 0 if states and all(s == "completed" for s in states) else 1
+    return 0 if states and all(s in DONE for s in states) else 1
 
 
 def _duration(seconds: float | None) -> str:
@@ -305,11 +316,16 @@ def table(status: dict) -> str:
     for r in status["points"]:
         if r["error"] or r["state"] in ("cancelled", "interrupted"):
             out.append(f"  {r['state']} {Path(r['run_dir']).name}: {r['error'] or r['state']} | log: {r['log']}")
+        elif r.get("halving"):
+            h = r["halving"]
+            out.append(f"  pruned {Path(r['run_dir']).name}: at rung {h.get('rung')} ({h.get('rule')}): {h.get('reason')}")
     t = status["totals"]
     out.append("totals: " + ", ".join(f"{n} {s}" for s, n in t["states"].items()))
     unknown = f" (+{t['points_without_estimate']} point(s) without a measured rate)" if t["points_without_estimate"] else ""
     out.append(f"device-hours: {t['device_hours_spent']:.4f} spent, {t['device_hours_to_go']:.4f} to go{unknown}"
                f" [{', '.join(t['devices']) or 'no device recorded yet'}]")
+    if status.get("halving"):
+        out.append(status["halving"]["text"])
     return "\n".join(out)
 
 
