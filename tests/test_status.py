@@ -184,3 +184,13 @@ def test_queue_wait_is_told_apart_from_running_time():
     header, line = text.splitlines()[1:3]
     assert header.split()[-6:] == ["wall", "queued", "ETA", "slurm", "job", "(state)"]
     assert line.split()[-5:] == ["6m50s", "1m50s", "-", "12_0,15_0", "(PENDING)"]  # no ETA before it trains
+
+
+def test_status_piped_into_head_ends_quietly(tmp_path):
+    """`python -m ddt.status DIR | head -1`: the closed pipe is not a traceback (a table longer than the pipe's
+    64 KiB, so that the reader is gone before the writer is done)."""
+    for i in range(800):
+        Ledger(tmp_path / f"point_with_a_long_name_{i:04d}").enter("training")
+    proc = subprocess.run(f"{sys.executable} -m ddt.status {tmp_path} | head -1", shell=True, capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.startswith("sweep ") and "Traceback" not in proc.stderr, proc.stderr
