@@ -61,7 +61,10 @@ def slurm_states(job_ids: set[str]) -> dict[str, str] | None:
     if not job_ids:
         return {}
     if shutil.which("sacct"):
-        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(job_ids))])
+        # the array's own id too: an array's tasks cancelled before they started are one record, 123_[2-5%4],
+        # that `-j 123_2` does not find
+        asked = job_ids | {j.split("_")[0] for j in job_ids if "_" in j}
+        out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(asked))])
         if out is not None:
             return _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
     if shutil.which("squeue"):  # no accounting: only jobs still queued or running are known
@@ -80,8 +83,10 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def _expand(states: dict[str, str]) -> dict[str, str]:
-    """`123_[0-2,5%4]` (array tasks not started yet) as 123_0, 123_1, 123_2, 123_5; `CANCELLED by 0` as CANCELLED."""
-    out = {}
+    """`123_[0-2,5%4]` (array tasks not started yet) as 123_0, 123_1, 123_2, 123_5; `CANCELLED by 0` as CANCELLED.
+
+    A task's own record wins over a range that names it (sacct keeps the range an array was submitted with)."""
+    out, ranges = {}, {}
     for job, state in states.items():
         state = state.split()[0] if state else "UNKNOWN"
         ranged = re.fullmatch(r"(\d+)_\[([\d,\-]+)(?:%\d+)?\]", job)
@@ -91,8 +96,8 @@ def _expand(states: dict[str, str]) -> dict[str, str]:
         for part in ranged.group(2).split(","):
             first, _, last = part.partition("-")
             for task in range(int(first), int(last or first) + 1):
-                out[f"{ranged.group(1)}_{task}"] = state
-    return out
+                ranges[f"{ranged.group(1)}_{task}"] = state
+    return {**ranges, **out}
 
 
 def _alive(event: dict) -> bool | None:

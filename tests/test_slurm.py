@@ -225,15 +225,16 @@ def test_detached_sweep_submit_and_walk_away(tmp_path, cache_dir, slurm):
         assert done["totals"]["device_hours_spent"] > 0 and done["totals"]["device_hours_to_go"] == 0
         assert all(0 < p["queued_s"] < p["wall_time_s"] for p in done["points"]), done  # waits told apart
 
-        _, failing = detached("ckpt=/nonexistent/last.pt", "train.max_steps=40", *TINY, sweep_dir=tmp_path, name=name)
+        # a value only the node can judge (the login node checks every file and value it can before submitting)
+        _, failing = detached("device=cuda", "train.max_steps=40", *TINY, sweep_dir=tmp_path, name=name)
         wait_for(lambda: "failed" in states(tmp_path).values())
         code, after = status(tmp_path)
         (bad,) = [p for p in after["points"] if p["state"] == "failed"]
-        assert code == 1 and "ckpt=/nonexistent/last.pt does not exist" in bad["error"] and "\n" not in bad["error"]
+        assert code == 1 and "device=cuda but this machine has no CUDA GPU" in bad["error"] and "\n" not in bad["error"]
         assert Path(bad["log"]).exists()
         table = subprocess.run([sys.executable, "-m", "ddt.status", str(tmp_path)], cwd=ROOT, capture_output=True,
                                text=True).stdout
         print(f"detached launch returned in {seconds:.1f} s\n{table}")
-        assert "device-hours:" in table and "ckpt=/nonexistent/last.pt does not exist" in table
+        assert "device-hours:" in table and "device=cuda but this machine has no CUDA GPU" in table
     finally:
         subprocess.run(["scancel", "-n", name])

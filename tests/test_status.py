@@ -157,6 +157,9 @@ def test_a_job_that_vanished_is_shown_as_what_slurm_says():
     assert point_status(point("completed"), {"12_0": "COMPLETED"})["state"] == "completed"
     assert _expand({"12_[0-2,5%4]": "PENDING", "13": "CANCELLED by 0"}) == {
         "12_0": "PENDING", "12_1": "PENDING", "12_2": "PENDING", "12_5": "PENDING", "13": "CANCELLED"}
+    # sacct after `scancel 61_2` while task 2 had not started: the tasks that ran, then the array's range record
+    assert _expand({"61_0": "COMPLETED", "61_1": "COMPLETED", "61_[0-2%3]": "CANCELLED by 0"}) == {
+        "61_0": "COMPLETED", "61_1": "COMPLETED", "61_2": "CANCELLED"}
 
 
 def test_queue_wait_is_told_apart_from_running_time():
