@@ -145,16 +145,16 @@ def running(study: Study, rung: int) -> list[Point]:
 
 
 def runs_of(study: Study) -> list[dict]:
-    """Every point's results.json (with run_dir, config_id, seed and its ddt.status state), as ddt.halving reads them."""
-    from ddt.status import point_status
-
+    """Every point's results.json (with run_dir, config_id, seed and the last state its ledger recorded), as
+    ddt.halving reads them (ddt.status, which imports this module, is not asked: no import cycle)."""
     out = []
     for p in study.points:
         point = read_point(study.run_dir(p))
         results = {**point["results"], "run_dir": str(study.run_dir(p))}
         results.setdefault("config_id", p.config_id)  # a point that never started still names its configuration
         results.setdefault("config", {"seed": p.seed})
-        out.append({**results, "state": point_status(point, None)["state"]})
+        events = point["ledger"].get("events") or []
+        out.append({**results, "state": events[-1]["state"] if events else "not_started"})
     return out
 
 
