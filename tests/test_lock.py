@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddt import lock
+from ddt import checkpoint, lock
 from ddt.errors import UsageError
 from ddt.files import atomic_write_json
 
@@ -148,7 +148,7 @@ def test_commands_aimed_at_a_live_run_touch_nothing_of_it(tmp_path):
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "sample_grid.png", "samples/samples.npz"):
         assert (live / name).read_bytes() == (alone / name).read_bytes(), name
     for name in ("checkpoints/last.pt",):
-        a, b = (torch.load(d / name, map_location="cpu", weights_only=False) for d in (live, alone))
+        a, b = (checkpoint.load(d / name) for d in (live, alone))  # the suite's safe loader
         assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and a["step"] == b["step"], name
     results = [json.loads((d / "results.json").read_text()) for d in (live, alone)]
     assert results[0]["status"] == "completed" and results[0]["metrics"] == results[1]["metrics"]
