@@ -124,9 +124,11 @@ def study_point(cfg: DictConfig, overrides: list[str], run_dir: Path, num_points
 
     halving = OmegaConf.to_container(cfg.halving, resolve=False)
     target = str(cfg.hydra.launcher.get("_target_", ""))
-    if not target.endswith("BasicLauncher"):
-        return [f"+halving=on runs on the basic launcher (one command on this machine); hydra.launcher is {target}: "
-                f"leave out +cluster and hydra/launcher (the detached SLURM study is not there yet, docs/halving.md)"]
+    detached = "ddt_detached_launcher" in target
+    if not target.endswith("BasicLauncher") and not detached:
+        return [f"+halving=on runs on the basic launcher (one command here) or detached on SLURM "
+                f"(+cluster=localhost_detached, hydra/launcher=submitit_slurm_detached); hydra.launcher is {target}, "
+                f"which would wait on this machine for every rung (docs/halving.md)"]
     if num_points > MAX_CHECKED_POINTS:
         return [f"a halving study of {num_points} points: at most {MAX_CHECKED_POINTS}; split it into studies"]
     given = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == "train.max_steps"]
@@ -140,20 +142,20 @@ def study_point(cfg: DictConfig, overrides: list[str], run_dir: Path, num_points
                 f"each rung in turn, the last the full length; leave train.max_steps out"]
     STUDY.setdefault("points", []).append({"name": run_dir.name, "overrides": list(overrides),
                                            "config_id": config_id(plain), "seed": plain.get("seed")})
-    STUDY.update(study_dir=run_dir.parent, rungs=rungs, eta=int(cfg.halving.eta), metric=str(cfg.halving.metric))
+    STUDY.update(study_dir=run_dir.parent, rungs=rungs, eta=int(cfg.halving.eta), metric=str(cfg.halving.metric),
+                 detached=detached)
     return []
 
 
-def run_study() -> int:
-    """A halving study (+halving=on) instead of Hydra's sweep: ddt.study trains its rungs as single runs."""
-    from ddt.study import Point, record_study, run_study as study
+def record_study():
+    """Write (or check) the halving study's record, halving/study.json, with this command for its decision jobs."""
+    from ddt.study import Point, record_study as record
 
     try:
-        recorded = record_study(STUDY["study_dir"], STUDY["rungs"], STUDY["eta"], STUDY["metric"],
-                                [Point(**p) for p in STUDY["points"]])
+        return record(STUDY["study_dir"], STUDY["rungs"], STUDY["eta"], STUDY["metric"],
+                      [Point(**p) for p in STUDY["points"]], command=sys.argv[1:], cwd=os.getcwd())
     except UsageError as err:
         fail("\nlaunch.py: error: ".join(err.problems))
-    return study(recorded)
 
 
 def sweep_summary(sweep_dir: Path) -> None:
@@ -245,9 +247,12 @@ if __name__ == "__main__":
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # submitit's job handlers own SIGTERM inside a job
         signal.signal(signal.SIGTERM, _terminate)
     sweep = preflight(sys.argv[1:])
-    if STUDY:
+    study = record_study() if STUDY else None
+    if study is not None and not STUDY["detached"]:  # the basic launcher: ddt.study trains the rungs as single runs
+        from ddt.study import run_study
+
         try:
-            code = run_study()
+            code = run_study(study)
         except Interrupted as err:  # SIGTERM to the study: the point running gets it from its process group too
             code = err.exit_code
         except KeyboardInterrupt:

@@ -66,12 +66,27 @@ def slurm_states(job_ids: set[str]) -> dict[str, str] | None:
         asked = job_ids | {j.split("_")[0] for j in job_ids if "_" in j}
         out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(asked))])
         if out is not None:
-            return _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
+            found = _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
+            return {**found, **_vanished(job_ids, found)}
     if shutil.which("squeue"):  # no accounting: only jobs still queued or running are known
         out = _run(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))])
         if out is not None:
             return _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
     return None
+
+
+def _vanished(job_ids: set[str], found: dict[str, str]) -> dict[str, str]:
+    """Array tasks cancelled while pending that sacct has no record of at all (their range record shrinks as the
+    other tasks start): CANCELLED when sacct knows other tasks of the array and squeue does not list the task."""
+    bases = {j.split("_")[0] for j in found if "_" in j}
+    missing = {j for j in job_ids if "_" in j and j not in found and j.split("_")[0] in bases}
+    if not missing or not shutil.which("squeue"):
+        return {}
+    out = _run(["squeue", "-h", "--me", "-o", "%i|%T"])  # not -j: it fails on a job the controller has forgotten
+    if out is None:
+        return {}
+    queued = _expand({line.split("|")[0]: line.split("|")[1] for line in out.splitlines() if "|" in line})
+    return {j: queued.get(j, "CANCELLED") for j in missing}
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -260,7 +275,7 @@ def sweep_status(sweep_dir: str | Path, now: float | None = None) -> dict:
     if (Path(sweep_dir) / "halving" / "study.json").exists():  # a halving study: its rung table and device-hours
         from ddt.study import study_summary  # lazily: ddt.halving imports scipy (about 2 s)
 
-        out["halving"] = study_summary(sweep_dir)
+        out["halving"] = study_summary(sweep_dir, {Path(r["run_dir"]).name: r["state"] for r in rows})
     return out
 
 

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ddt.config import names_run, run_subdir
-from ddt.errors import UsageError
+from ddt.errors import Interrupted, UsageError
 from ddt.files import atomic_write_json
-from ddt.halving import (DECISIONS, RungDecision, decide_rung, decision_path, read_decisions, record_decision,
+from ddt.halving import (DECISIONS, STOPPED, RungDecision, decide_rung, decision_path, read_decisions, record_decision,
                          rung_table, study_cost)
 from ddt.ledger import Ledger, now, read_json, read_point
 
@@ -58,10 +59,16 @@ class Study:
     eta: int
     metric: str
     points: list  # Point
+    command: list = field(default_factory=list)  # launch.py's arguments: what a SLURM decision job runs again
+    cwd: str | None = None  # where the command was given (its relative paths)
 
     def run_dir(self, point: Point) -> Path:
         """The run folder of a point."""
         return self.study_dir / point.name
+
+    def open_rung(self) -> int:
+        """The first rung whose decision is not written yet (the last rung, the full length, once all are)."""
+        return next((r for r in self.rungs[:-1] if not decision_path(self.study_dir, r).exists()), self.rungs[-1])
 
 
 def _key(override: str) -> str:
@@ -73,9 +80,11 @@ def passed_overrides(overrides: Sequence[str]) -> list[str]:
     return [o for o in overrides if not any(_key(o) == k or _key(o).startswith((f"{k}.", f"{k}/")) for k in NOT_PASSED)]
 
 
-def record_study(study_dir: str | Path, rungs: Sequence[int], eta: int, metric: str, points: Sequence[Point]) -> Study:
-    """Write STUDY_DIR/halving/study.json, or check a re-run against it (a study's rungs and points stay once decided)."""
-    study = Study(Path(study_dir), list(rungs), int(eta), metric, list(points))
+def record_study(study_dir: str | Path, rungs: Sequence[int], eta: int, metric: str, points: Sequence[Point],
+                 command: Sequence[str] = (), cwd: str | Path | None = None) -> Study:
+    """Write STUDY_DIR/halving/study.json, or check a re-run against it (a study's rungs and points stay once decided);
+    `command` (launch.py's arguments) and `cwd` are what a SLURM decision job runs again."""
+    study = Study(Path(study_dir), list(rungs), int(eta), metric, list(points), list(command), str(cwd or os.getcwd()))
     path = Path(study_dir) / DECISIONS / STUDY
     if path.exists():
         old = read_study(study_dir)
@@ -88,11 +97,11 @@ def record_study(study_dir: str | Path, rungs: Sequence[int], eta: int, metric: 
         if decided and {p.name for p in old.points} != {p.name for p in points}:
             raise UsageError(f"the study in {study_dir} was decided over {len(old.points)} points ({path}); this "
                              f"command has {len(points)} others: give the same sweep, or another name= for a new study")
-        if same and old.points == study.points:
+        if same and old.points == study.points and (old.command, old.cwd) == (study.command, study.cwd):
             return old  # nothing to write: a re-run leaves the file as it was
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json({"rungs": study.rungs, "eta": study.eta, "metric": study.metric,
-                       "points": [asdict(p) for p in study.points]}, path)
+                       "points": [asdict(p) for p in study.points], "command": study.command, "cwd": study.cwd}, path)
     return study
 
 
@@ -113,7 +122,8 @@ def read_study(study_dir: str | Path) -> Study:
     if not data:
         raise UsageError(f"{path} does not exist: {study_dir} is not a halving study (start one with "
                          f"python launch.py -m +halving=on 'halving.rungs=[...]' ...)")
-    return Study(Path(study_dir), data["rungs"], data["eta"], data["metric"], [Point(**p) for p in data["points"]])
+    return Study(Path(study_dir), data["rungs"], data["eta"], data["metric"], [Point(**p) for p in data["points"]],
+                 data.get("command", []), data.get("cwd"))
 
 
 def revived(study_dir: str | Path) -> dict[str, int]:
@@ -144,17 +154,17 @@ def running(study: Study, rung: int) -> list[Point]:
     return [p for p in study.points if p.config_id not in cut and p.name not in gone]
 
 
-def runs_of(study: Study) -> list[dict]:
-    """Every point's results.json (with run_dir, config_id, seed and the last state its ledger recorded), as
-    ddt.halving reads them (ddt.status, which imports this module, is not asked: no import cycle)."""
-    out = []
+def runs_of(study: Study, states: dict[str, str] | None = None) -> list[dict]:
+    """Every point's results.json (with run_dir, config_id, seed and its state), as ddt.halving reads them. The state
+    is `states`' (ddt.status's, which knows SLURM: the caller passes it, no import cycle), else the ledger's last."""
+    out, states = [], states or {}
     for p in study.points:
         point = read_point(study.run_dir(p))
         results = {**point["results"], "run_dir": str(study.run_dir(p))}
         results.setdefault("config_id", p.config_id)  # a point that never started still names its configuration
         results.setdefault("config", {"seed": p.seed})
         events = point["ledger"].get("events") or []
-        out.append({**results, "state": events[-1]["state"] if events else "not_started"})
+        out.append({**results, "state": states.get(p.name) or (events[-1]["state"] if events else "not_started")})
     return out
 
 
@@ -163,9 +173,9 @@ def reached(results: dict, rung: int) -> bool:
     return results.get("status") == "completed" and ((results.get("train") or {}).get("step") or 0) >= rung
 
 
-def decide(study_dir: str | Path, rung: int) -> RungDecision:
-    """The decision at `rung`: the written one, else taken now over the points and written once; the pruned points'
-    ledgers then say `pruned` (what a SLURM decision job calls). A blocked decision is returned, not written."""
+def decide(study_dir: str | Path, rung: int, states: dict[str, str] | None = None) -> RungDecision:
+    """The decision at `rung`: the written one, else taken now over the points (their `states` as runs_of takes them)
+    and written once; the pruned points' ledgers then say `pruned`. A blocked decision is returned, not written."""
     study = read_study(study_dir)
     if rung not in study.rungs[:-1]:
         raise UsageError(f"--rung {rung} is not a decided rung of {study_dir}: the rungs are {_list(study.rungs)} "
@@ -174,7 +184,7 @@ def decide(study_dir: str | Path, rung: int) -> RungDecision:
     if path.exists():
         decision = RungDecision.from_json(read_json(path))
     else:
-        decision = decide_rung(runs_of(study), rung, eta=study.eta, metric=study.metric,
+        decision = decide_rung(runs_of(study, states), rung, eta=study.eta, metric=study.metric,
                                dropped=dropped(study_dir), pruned=pruned_before(study, rung))
         if decision.status != "decided":
             return decision
@@ -257,12 +267,25 @@ def train_commands(study: Study, points: Sequence[Point], rung: int) -> list[tup
     return commands
 
 
+def run_point(cmd: list[str]) -> int:
+    """Run one point's command; a SIGTERM to the study (launch.py raises Interrupted) is passed on to the point,
+    which saves and stops, before the study stops (Ctrl-C reaches both from the terminal already)."""
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except Interrupted as err:
+        if err.signum == signal.SIGTERM and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+        raise
+
+
 def run_study(study: Study, say: Callable[[str], None] | None = None,
               run: Callable[[list[str]], int] | None = None) -> int:
     """Every rung in turn: train the points still running to it (subprocesses), decide, mark the pruned; 0 when the
     study is through, 1 when a point failed or a decision is blocked (the same command resumes), 130/143 interrupted."""
     say = say or (lambda line: print(f"halving: {line}", file=sys.stderr, flush=True))
-    run = run or (lambda cmd: subprocess.run(cmd).returncode)
+    run = run or run_point
     start = time.perf_counter()
     for rung in study.rungs:
         points = running(study, rung)
@@ -329,15 +352,21 @@ def cost_line(cost: dict, last_rung: int) -> str:
             f"({cost['saving_share']:.0%}; training alone, evaluations counted in both)")
 
 
-def study_summary(study_dir: str | Path) -> dict:
-    """What status and report show of a study: the rung table, the best at the last rung, the device-hours."""
+def study_summary(study_dir: str | Path, states: dict[str, str] | None = None) -> dict:
+    """What status and report show of a study: the rung table (with the open rung's failed or cancelled points, which
+    block it), the best at the last rung, the device-hours; `states` as runs_of takes them."""
     study = read_study(study_dir)
-    runs, labels = runs_of(study), config_labels(study)
+    runs, labels = runs_of(study, states), config_labels(study)
     decisions = read_decisions(study_dir)
     final = final_ranking(study, runs)
     cost = study_cost([r for r in runs if r.get("train")], study.rungs[-1])
+    shown = list(decisions.values())
+    rung, names = study.open_rung(), {p.name for p in running(study, study.open_rung())}
+    if rung != study.rungs[-1] and any(r["state"] in STOPPED for r in runs if Path(r["run_dir"]).name in names):
+        shown.append(decide_rung(runs, rung, eta=study.eta, metric=study.metric, dropped=dropped(study_dir),
+                                 pruned=pruned_before(study, rung)))  # not written: blocked until resubmitted or dropped
     lines = [f"halving study {study_dir}: rungs {_list(study.rungs)}, eta {study.eta}, metric {study.metric}",
-             rung_table(decisions.values(), labels)]
+             rung_table(shown, labels)]
     if final is not None:
         values = "; ".join(f"{labels.get(c.config_id, c.config_id)} {c.value:.4g} ({c.interval}, n={c.n})"
                            for c in final.configs if c.value is not None)

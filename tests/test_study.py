@@ -141,3 +141,53 @@ def test_a_halving_study_runs_as_one_command_and_agrees_with_the_full_grid(tmp_p
                                                                           pruned[0].config_id}
     code, status = status_json(study_dir)
     assert code == 1 and status["totals"]["states"]["revived"] == 1
+
+
+def test_sigterm_drop_and_revive_end_to_end(tmp_path, cache_dir):
+    """SIGTERM to the study reaches the point it trains (saved, no process left); the same command resumes; a point
+    the user drops leaves the decision; a revived configuration is extended in place by the next command."""
+    import os
+    import signal
+
+    from ddt.lock import live_owner
+
+    study_dir = tmp_path / "study"
+    command = ["-m", "+halving=on", "halving.rungs=[40,60]", "halving.eta=2", "model.encoder_depth=1,3,5", SEEDS,
+               *TINY, "train.ckpt_every=10", f"hydra.sweep.dir={study_dir}"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *command], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        first = None
+        while first is None and time.monotonic() < deadline:  # the first point has a checkpoint and trains on
+            first = next((d for d in study_dir.glob("*seed=*") if (d / "checkpoints" / "last.pt").exists()
+                          and live_owner(d) is not None), None)
+            time.sleep(0.2)
+        assert first is not None, "no point started training"
+        owner = live_owner(first)
+        proc.send_signal(signal.SIGTERM)  # the study's process alone, as scancel or kill would
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(owner["pid"], 0)  # the point stopped with the study, not left training alone
+    assert read_json(first / "ledger.json")["events"][-1]["state"] == "interrupted"
+
+    drop = subprocess.run([sys.executable, "-m", "ddt.study", "drop", str(study_dir), first.name], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert drop.returncode == 0, drop.stderr
+    again = launch(*command)  # resumes: the two others train to the rung, the decision leaves the dropped one out
+    assert "every rung is through" in again.stderr, again.stderr[-3000:]
+    (decision,) = read_decisions(study_dir).values()
+    assert decision.dropped == [first.name] and decision.n == 2 and len(decision.pruned) == 2  # one cut, one dropped
+    (cut,) = [c for c in decision.configs if c.rule == "cut"]
+    revive = subprocess.run([sys.executable, "-m", "ddt.study", "revive", str(study_dir), cut.config_id], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert revive.returncode == 0, revive.stderr
+    launch(*command)  # the revived configuration goes on to the last rung, in place
+    (revived,) = cut.runs
+    results = read_json(study_dir / revived / "results.json")
+    assert results["train"]["step"] == 60 and [c["step"] for c in results["curve"]] == [40, 60]
+    code, status = status_json(study_dir)
+    assert status["totals"]["states"] == {"completed": 2, "interrupted": 1}, status["totals"]
