@@ -1,9 +1,10 @@
 """The real quickstart study, exactly as a user runs it, against the untrained model (slow).
 
 `python launch.py -m +experiment=quickstart_ratio` trains the quickstart at 7 encoder/decoder splits;
-its 22en6de point is the default `python launch.py` run. CI runs the two ends of the study's range and
-the default (4en24de, the slowest run; 22en6de; 24en4de) with the study's own config; the 7-point sweep
-itself is composed and checked in test_experiments.py.
+its 22en6de point is the default `python launch.py` run. CI runs the default and the study's deepest
+encoder (22en6de, 24en4de) with the study's own config: two splits for the ratio report, in about half
+the time 4en24de (the slowest run) added; the 7-point sweep itself is composed and checked in
+test_experiments.py.
 """
 import json
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from conftest import ROOT, launch
 
-DEPTHS = [4, 22, 24]
+DEPTHS = [22, 24]
 
 
 @pytest.mark.slow
