@@ -94,7 +94,8 @@ class DetachedSlurmLauncher(SlurmLauncher):
             records = {p.name: read_point(study.run_dir(p)) for p in points}
             jobs = {j for r in records.values() for j in [*(s["slurm_job_id"] for s in r["submissions"]),
                                                           *r["ledger"].get("slurm_job_ids", [])]}
-            rows = {name: point_status(r, slurm_states(jobs)) for name, r in records.items()}
+            slurm = slurm_states(jobs)  # one sacct call for the rung's points
+            rows = {name: point_status(r, slurm) for name, r in records.items()}
             active = [rows[p.name]["slurm_job_ids"][-1] for p in points
                       if rows[p.name]["state"] in ACTIVE and rows[p.name]["slurm_job_ids"]]
             todo = [p for p in points if not reached(records[p.name]["results"], rung)
